@@ -1,0 +1,136 @@
+"""Round-to-nearest post-training quantization with calibrated static activation scales.
+
+Two phases, as gpt-fast does it: quantize every target Linear's weight (swap in QuantLinear),
+then, for static schemes, run the calibration samples through the model with quantized weights
+(as AutoFP8 does, so each layer's input already carries the error of the layers before it),
+observe every QuantLinear input, and store one scale per layer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.nn import QuantLinear
+from lowbit.observers import Observer, make_observer
+from lowbit.scheme import Scheme
+from lowbit.targets import DEFAULT_IGNORE, select_linears, set_submodule
+
+
+@dataclass
+class PTQReport:
+    targets: list[str]
+    ignored: list[str]
+    tokens_seen: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quantized_modules": len(self.targets),
+            "ignored": self.ignored,
+            "tokens_seen_min": min(self.tokens_seen.values()) if self.tokens_seen else None,
+            "seconds": self.seconds,
+        }
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def quantize_weights(model: nn.Module, scheme: Scheme, targets: list[str], scale_dtype: torch.dtype) -> None:
+    for name in targets:
+        linear = model.get_submodule(name)
+        assert isinstance(linear, nn.Linear), f"{name} is {type(linear).__name__}, not Linear"
+        q = QuantLinear.from_linear(linear, scheme.weights, scheme.input_activations, scale_dtype)
+        set_submodule(model, name, q)
+
+
+@torch.inference_mode()
+def calibrate_inputs(
+    model: nn.Module, samples: list[torch.Tensor], observer: str, *, batch_size: int = 1, progress: bool = True
+) -> dict[str, Observer]:
+    """Observe the input of every static QuantLinear over the samples; set and return the observers.
+
+    samples: 1-D token id tensors. Batches are right-padded; padded positions are masked out of
+    the statistics, and observers update once per sample, so results do not depend on batch size.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
+    observers = {n: make_observer(observer, n) for n in layers}
+    mask_holder: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x, mask = args[0], mask_holder["mask"]  # x: (B, T, C); mask: (B, T) bool
+            for b in range(x.shape[0]):
+                observers[name].update(x[b][mask[b]])
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    dtype = next(model.parameters()).dtype
+    for m in layers.values():
+        m.quantize_inputs = False
+        m.cache_weight(dtype)
+    device = model_device(model)
+    try:
+        order = sorted(range(len(samples)), key=lambda i: -len(samples[i]))  # similar lengths batch together
+        for start in tqdm(range(0, len(order), batch_size), desc="calibrating", unit="batch", disable=not progress):
+            batch = [samples[i] for i in order[start : start + batch_size]]
+            length = max(len(s) for s in batch)
+            ids = torch.zeros(len(batch), length, dtype=torch.long)
+            mask = torch.zeros(len(batch), length, dtype=torch.bool)
+            for b, s in enumerate(batch):
+                ids[b, : len(s)], mask[b, : len(s)] = s, True
+            mask_holder["mask"] = mask.to(device)
+            model(input_ids=ids.to(device), attention_mask=mask.to(device).long(), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in layers.values():
+            m.quantize_inputs = True
+            m.cache_weight(None)
+    for n, m in layers.items():
+        m.set_input_scale(observers[n].amax())
+    return observers
+
+
+def quantize_model(
+    model: nn.Module,
+    scheme: Scheme,
+    samples: list[torch.Tensor] | None,
+    *,
+    ignore: Iterable[str] = (),
+    default_ignore: Iterable[str] = DEFAULT_IGNORE,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> PTQReport:
+    """Quantize `model` in place with `scheme`; `samples` are needed for static activation scales."""
+    targets, ignored = select_linears(model, ignore, default_ignore=default_ignore)
+    report = PTQReport(targets, ignored)
+    scale_dtype = next(model.parameters()).dtype
+    if scale_dtype == torch.float16:  # fp16 cannot hold small scales precisely; readers accept float32
+        scale_dtype = torch.float32
+    t0 = time.perf_counter()
+    quantize_weights(model, scheme, targets, scale_dtype)
+    report.seconds["weights"] = time.perf_counter() - t0
+    if scheme.static_inputs:
+        assert scheme.input_activations is not None
+        if not samples:
+            raise ValueError("static activation scales need calibration samples")
+        t0 = time.perf_counter()
+        observers = calibrate_inputs(
+            model, samples, scheme.input_activations.observer or "minmax", batch_size=batch_size, progress=progress
+        )
+        report.seconds["calibration"] = time.perf_counter() - t0
+        report.tokens_seen = {n: o.tokens for n, o in observers.items()}
+    return report

@@ -1,0 +1,184 @@
+"""Load a quantized checkpoint (lowbit's or anyone's, compressed-tensors or AutoFP8) into a runnable model.
+
+The model skeleton comes from the checkpoint's config without allocating weights; every Linear
+that the quantization config targets becomes a QuantLinear; then the tensors are assigned and
+checked loudly: a missing, unexpected, misshapen or mistyped tensor is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.checkpoint.io import load_tensors
+from lowbit.errors import LowbitError
+from lowbit.nn import QuantLinear
+from lowbit.scheme import QuantArgs, Scheme
+from lowbit.targets import set_submodule
+
+
+@dataclass(frozen=True)
+class CheckpointScheme:
+    """What a checkpoint's quantization_config says: groups of (targets, scheme) and an ignore list."""
+
+    layout: str
+    groups: list[tuple[list[str], Scheme]]
+    ignore: list[str]
+
+    def scheme_for(self, name: str, module: nn.Module) -> Scheme | None:
+        if any(_ct_match(name, module, t) for t in self.ignore):
+            return None
+        for targets, scheme in self.groups:
+            if any(_ct_match(name, module, t) for t in targets):
+                return scheme
+        return None
+
+
+def _ct_match(name: str, module: nn.Module, target: str) -> bool:
+    """compressed-tensors matching: `re:` regex (re.match), exact module name, or class name."""
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name or target == type(module).__name__
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise LowbitError(f"{path} is not a model directory")
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise LowbitError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise LowbitError(f"{cfg} is not valid JSON: {e}") from None
+
+
+def parse_quantization_config(qc: dict[str, Any]) -> CheckpointScheme:
+    method = qc.get("quant_method")
+    if method == "compressed-tensors":
+        fmt = qc.get("format")
+        groups = []
+        for gname, g in (qc.get("config_groups") or {}).items():
+            w, a = g.get("weights"), g.get("input_activations")
+            if w is None or w.get("type") != "float" or int(w.get("num_bits", 0)) != 8:
+                raise LowbitError(f"config group {gname}: only FP8 weights are supported by this lowbit version")
+            if g.get("output_activations"):
+                raise LowbitError(f"config group {gname}: output activation quantization is not supported")
+            wa = QuantArgs.from_ct(w)
+            if wa.strategy not in ("tensor", "channel") or not wa.symmetric:
+                raise LowbitError(f"config group {gname}: FP8 weights with strategy {wa.strategy!r} are not supported")
+            aa = QuantArgs.from_ct(a) if a else None
+            if aa is not None and (aa.type != "float" or aa.num_bits != 8 or not aa.symmetric):
+                raise LowbitError(f"config group {gname}: only symmetric FP8 input activations are supported")
+            if aa is not None and not aa.dynamic and aa.strategy != "tensor":
+                raise LowbitError(f"config group {gname}: static input scales must be per tensor")
+            groups.append((list(g.get("targets") or []), Scheme(f"ct:{gname}", wa, aa)))
+        if not groups:
+            raise LowbitError("quantization_config has no config_groups")
+        if fmt not in ("float-quantized", "naive-quantized", None):
+            raise LowbitError(f"compressed-tensors format {fmt!r} is not supported by this lowbit version")
+        return CheckpointScheme("compressed-tensors", groups, list(qc.get("ignore") or []))
+    if method == "fp8":
+        act = qc.get("activation_scheme", "dynamic")
+        if act not in ("static", "dynamic"):
+            raise LowbitError(f"unknown AutoFP8 activation_scheme {act!r}")
+        weights = QuantArgs(strategy="tensor")
+        inputs = QuantArgs(strategy="tensor", dynamic=act == "dynamic")
+        ignore = list(qc.get("ignored_layers") or [])
+        return CheckpointScheme("autofp8", [(["Linear"], Scheme(f"autofp8-{act}", weights, inputs))], ignore)
+    raise LowbitError(f"quantization method {method!r} is not one lowbit reads (compressed-tensors or fp8)")
+
+
+def build_quantized_model(path: Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, CheckpointScheme | None]:
+    """The model skeleton with QuantLinear modules in place and weights unallocated (meta)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = read_config(path)
+    qc = raw.get("quantization_config")
+    scheme = parse_quantization_config(qc) if qc else None
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as e:
+        raise LowbitError(f"cannot read the model config in {path}: {e}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dtype = dtype or getattr(config, "dtype", None) or torch.bfloat16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as e:
+        raise LowbitError(f"{path} is not a causal language model: {e}") from None
+    if scheme is not None:
+        scale_dtype = dtype if dtype != torch.float16 else torch.float32
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and (s := scheme.scheme_for(name, module)) is not None:
+                q = QuantLinear(
+                    module.in_features,
+                    module.out_features,
+                    weights=s.weights,
+                    input_activations=s.input_activations,
+                    bias=module.bias is not None,
+                    scale_dtype=scale_dtype,
+                    device="meta",
+                )
+                set_submodule(model, name, q)
+    return model, scheme
+
+
+def _fit(name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bring a checkpoint tensor to the module's shape/dtype where the formats allow it; else fail loudly."""
+    if t.shape != like.shape:
+        scale = name.endswith(("weight_scale", "input_scale"))
+        if scale and t.numel() == like.numel():
+            t = t.reshape(like.shape)  # () / (1,) scalars and (out,) vs (out, 1) channel scales
+        else:
+            raise LowbitError(f"tensor {name} has shape {tuple(t.shape)}, the model expects {tuple(like.shape)}")
+    if like.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and t.dtype != like.dtype:
+        raise LowbitError(f"tensor {name} is {t.dtype}, the quantization config says {like.dtype}")
+    return t.to(like.dtype)
+
+
+def load(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """A runnable model from a checkpoint directory (quantized or not), in eval mode.
+
+    On the CPU (and GPUs without FP8 tensor cores) FP8 layers run the emulated forward with the
+    exact E4M3 rounding of the hardware formats.
+    """
+    path = Path(path)
+    model, scheme = build_quantized_model(path, dtype)
+    tensors = load_tensors(path)
+    expected = dict(model.state_dict(keep_vars=True))
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise LowbitError(
+            f"checkpoint has {len(unexpected)} tensor(s) the model does not, e.g. {unexpected[0]}"
+            " (config and tensors disagree, or a layout this lowbit version does not read)"
+        )
+    missing = sorted(k for k in expected if k not in tensors and not (tied and k == "lm_head.weight"))
+    if missing:
+        raise LowbitError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[0]}")
+    state = {k: _fit(k, t, expected[k]) for k, t in tensors.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    for k, p in model.named_parameters():
+        if p.is_meta:
+            raise LowbitError(f"parameter {k} was not loaded from {path}")
+    for m in model.modules():  # QuantLinear keeps bias frozen; all else is inference-only too
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(False)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model

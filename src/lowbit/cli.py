@@ -1,0 +1,173 @@
+"""The `lowbit` command: parses arguments, calls the API, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lowbit import __version__
+from lowbit.errors import LowbitError
+
+log = logging.getLogger("lowbit")
+
+
+def _positive(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs to low-bit formats and measure the cost.")
+    p.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("doctor", parents=[common], help="what this machine runs natively (FP8? FP4?) and what it emulates")
+
+    q = sub.add_parser("quantize", parents=[common], help="model + calibration data + scheme -> checkpoint")
+    q.add_argument("model", nargs="?", default=None, help="built-in name, model directory or hub id (default smollm2-135m)")
+    q.add_argument("--scheme", default="fp8", help="fp8 (static activation scales) or fp8-dynamic (per-token)")
+    q.add_argument("--calib", default="builtin", help="builtin | PATH (.txt paragraphs/lines, .jsonl) | hf:NAME")
+    q.add_argument("--num-samples", type=_positive, default=512)
+    q.add_argument("--max-length", type=_positive, default=512, help="tokens per sample (longer ones are cut)")
+    q.add_argument("--min-length", type=_positive, default=16, help="samples shorter than this are dropped")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                   help="join the text and cut windows of --max-length tokens in order (default: on for builtin)")
+    q.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                   help="seeded shuffle of samples before taking --num-samples (not with --pack)")
+    q.add_argument("--observer", default=None, help="activation observer for static scales: minmax (default) | moving-minmax")
+    q.add_argument("--weight-strategy", choices=["channel", "tensor"], default=None,
+                   help="weight scales per output channel (default) or per tensor")
+    q.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                   help="keep matching Linear layers in high precision (glob on names, or re:REGEX); lm_head always")
+    q.add_argument("--format", dest="layout", choices=["compressed-tensors", "autofp8"], default="compressed-tensors")
+    q.add_argument("--output", "-o", required=True, type=Path)
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    q.add_argument("--batch-size", type=_positive, default=1, help="calibration batch size (results do not depend on it)")
+
+    e = sub.add_parser("eval", parents=[common], help="base vs quantized: perplexity, KL, top-1, size, latency")
+    e.add_argument("quantized", type=Path, help="quantized checkpoint directory")
+    e.add_argument("--base", default=None, help="the original model (default: the one recorded in the checkpoint)")
+    e.add_argument("--data", default="builtin", help="builtin (held-out text) | PATH (text file) | hf:wikitext")
+    e.add_argument("--windows", type=_positive, default=40)
+    e.add_argument("--seq-len", type=_positive, default=512)
+    e.add_argument("--batch-size", type=_positive, default=1)
+    e.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    e.add_argument("--decode-tokens", type=_positive, default=32)
+    e.add_argument("--device", default=None)
+    e.add_argument("--json", type=Path, default=None, help="also write every number to this file")
+    return p
+
+
+def _device(arg: str | None) -> str:
+    import torch
+
+    if arg:
+        if arg.startswith("cuda") and not torch.cuda.is_available():
+            raise LowbitError(f"--device {arg}: no CUDA device is available here")
+        return arg
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from lowbit.doctor import diagnose, format_report
+
+    print(format_report(diagnose()))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.api import quantize
+    from lowbit.calibration.data import CalibConfig
+    from lowbit.table import render
+
+    calib = CalibConfig(
+        source=args.calib, num_samples=args.num_samples, max_length=args.max_length, min_length=args.min_length,
+        seed=args.seed, pack=args.pack, shuffle=args.shuffle,
+    )
+    res = quantize(
+        args.model, output=args.output, scheme=args.scheme, calib=calib, ignore=args.ignore, observer=args.observer,
+        weight_strategy=args.weight_strategy, layout=args.layout, overwrite=args.overwrite,
+        device=_device(args.device), batch_size=args.batch_size, progress=not args.quiet,
+    )
+    p = res.provenance
+    rows: list[list[Any]] = [
+        ["model", p["base_model"]],
+        ["scheme", f"{p['scheme']} ({p['layout']})"],
+        ["weights", f"E4M3 per {p['recipe']['weights']['strategy']}"],
+    ]
+    if p.get("calibration"):
+        c = p["calibration"]
+        rows += [
+            ["activations", f"E4M3 static per tensor, observer {p['observer']}"],
+            ["calibration", f"{c['num_samples']} samples, {c['num_tokens']} tokens from {c['source']}"],
+            ["", f"truncated {c['truncated']}, dropped short {c['dropped_short']}, chat template {c['chat_template_applied']}"],
+        ]
+    else:
+        rows.append(["activations", "E4M3 dynamic per token (no calibration)"])
+    rows += [
+        ["quantized", f"{p['quantized_modules']} Linear layers; kept high precision: {', '.join(p['ignored']) or '-'}"],
+        ["time", ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items())],
+        ["checkpoint", f"{res.output} ({p['checkpoint_bytes'] / 2**20:.1f} MiB)"],
+    ]
+    print(render(rows))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowbit.eval.run import evaluate, format_eval
+
+    result = evaluate(
+        args.quantized, base=args.base, data=args.data, windows=args.windows, seq_len=args.seq_len,
+        batch_size=args.batch_size, latency=not args.no_latency, decode_tokens=args.decode_tokens,
+        device=_device(args.device), progress=not args.quiet,
+    )
+    print(format_eval(result))
+    if args.json:
+        from lowbit.checkpoint.io import write_json
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        write_json(tmp, result)
+        os.replace(tmp, args.json)
+    return 0
+
+
+COMMANDS = {"doctor": cmd_doctor, "quantize": cmd_quantize, "eval": cmd_eval}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="lowbit: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "accelerate", "compressed_tensors"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        return COMMANDS[args.command](args)
+    except LowbitError as e:
+        if args.debug:
+            raise
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; no partial output was left in place", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""FP8 formats (OCP E4M3FN, E5M2): exact, saturating quantize / dequantize.
+
+Pure tensor functions, no modules. Values are mapped to the format's grid by torch's own cast
+(round-to-nearest-even, bit-exact with the hardware formats) after an explicit clamp to
++-max: the clamp makes saturation a property of lowbit rather than of the installed torch
+(CPU builds of torch 2.13 saturate, but older builds and some device kernels turn 500 into
+NaN for E4M3FN). NaN inputs stay NaN; +-inf saturate to +-max like any out-of-range value.
+
+Shapes: `x` is any shape; `scale` broadcasts against it, or (for groups) has a last dimension
+`x.shape[-1] // group_size` and is expanded along the last dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """A floating-point element format that torch has as a dtype."""
+
+    name: str
+    ebits: int
+    mbits: int
+    max: float  # largest finite magnitude
+    dtype: torch.dtype
+
+    @property
+    def bits(self) -> int:
+        return 1 + self.ebits + self.mbits
+
+    def cast(self, x: torch.Tensor) -> torch.Tensor:
+        """Saturating round-to-nearest-even cast of an already scaled tensor to the storage dtype."""
+        return x.clamp(-self.max, self.max).to(self.dtype)
+
+
+E4M3 = FloatFormat("float8_e4m3fn", 4, 3, 448.0, torch.float8_e4m3fn)
+E5M2 = FloatFormat("float8_e5m2", 5, 2, 57344.0, torch.float8_e5m2)
+
+FORMATS: dict[str, FloatFormat] = {"e4m3": E4M3, "float8_e4m3fn": E4M3, "e5m2": E5M2, "float8_e5m2": E5M2}
+
+# Smallest scale lowbit ever writes: keeps all-zero channels and tokens finite (q = 0 there)
+# and is a normal number in float32 and bfloat16 alike.
+MIN_SCALE = 1e-12
+
+
+def expand_scale(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-group scale (..., G) over x (..., G*g); other scales are returned as they are."""
+    if scale.dim() == x.dim() and scale.shape[-1] not in (1, x.shape[-1]):
+        groups = scale.shape[-1]
+        assert x.shape[-1] % groups == 0, f"{x.shape[-1]} values do not split into {groups} groups"
+        return scale.repeat_interleave(x.shape[-1] // groups, dim=-1)
+    return scale
+
+
+def scale_from_amax(amax: torch.Tensor, fmt: FloatFormat, scale_dtype: torch.dtype) -> torch.Tensor:
+    """scale = amax / fmt.max, rounded to the dtype it will be stored in, returned as float32.
+
+    Rounding first matters: readers dequantize with the stored scale, so lowbit quantizes with
+    exactly that value (a scale rounded down may saturate the largest element by < 1 ulp of bf16).
+    """
+    scale = (amax.float() / fmt.max).clamp_min(MIN_SCALE)
+    return scale.to(scale_dtype).float()
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat = E4M3) -> torch.Tensor:
+    """x / scale on fmt's grid, saturated, as fmt.dtype codes (same shape as x)."""
+    return fmt.cast(x.float() / expand_scale(scale.float(), x))
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """codes * scale, correctly rounded to `dtype`.
+
+    When the scale is already stored in `dtype` (the usual case: bf16 model, bf16 scales) the codes
+    are cast to `dtype` directly (exact: every FP8 value is a bf16/fp16/fp32 value) and multiplied
+    there; the product of a 4-bit and an 8-bit significand is exact before its one rounding, so this
+    equals the float32 product rounded to `dtype`, in two passes instead of four.
+    """
+    if scale.dtype == dtype and dtype in (torch.bfloat16, torch.float32):
+        return q.to(dtype) * expand_scale(scale, q)
+    return (q.float() * expand_scale(scale.float(), q)).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat = E4M3) -> torch.Tensor:
+    """Quantize-dequantize in x's dtype: what a W8A8 kernel sees, for emulation."""
+    return dequantize(quantize(x, scale, fmt), scale, x.dtype)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Straight-through estimator: identity gradient inside [-max*scale, max*scale], zero outside."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:  # type: ignore[override]
+        s = expand_scale(scale.float(), x)
+        ctx.save_for_backward(x.float().abs() <= fmt.max * s)
+        return fake_quantize(x, scale, fmt)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        return grad * inside.to(grad.dtype), None, None
+
+
+def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat = E4M3) -> torch.Tensor:
+    """fake_quantize with a straight-through gradient for x (scale is treated as a constant)."""
+    return _FakeQuantSTE.apply(x, scale, fmt)

@@ -1,0 +1,63 @@
+"""Which modules a scheme quantizes: found by structure, filtered by the user's ignore patterns.
+
+A pattern is a glob matched against the module's full dotted name or any dotted suffix of it
+(`lm_head`, `mlp.down_proj`, `model.layers.0.*`), or a regular expression with a `re:` prefix
+(the compressed-tensors convention) matched with re.fullmatch against the full name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+DEFAULT_IGNORE = ("lm_head",)
+
+
+def matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
+
+
+def check_patterns(patterns: Iterable[str]) -> None:
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise LowbitError(f"--ignore pattern {p!r} is not a valid regular expression: {e}") from None
+
+
+def select_linears(
+    model: nn.Module, ignore: Iterable[str] = (), *, default_ignore: Iterable[str] = DEFAULT_IGNORE
+) -> tuple[list[str], list[str]]:
+    """(targets, ignored): names of nn.Linear modules to quantize and of those kept in high precision.
+
+    Every user pattern must match at least one Linear, so a typo never passes silently.
+    """
+    user = list(ignore)
+    check_patterns(user)
+    patterns = list(default_ignore) + user
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise LowbitError("the model has no Linear layers to quantize")
+    unmatched = [p for p in user if not any(matches(n, p) for n in linears)]
+    if unmatched:
+        raise LowbitError(f"--ignore pattern(s) matched no Linear layer: {', '.join(unmatched)}")
+    ignored = [n for n in linears if any(matches(n, p) for p in patterns)]
+    targets = [n for n in linears if n not in set(ignored)]
+    if not targets:
+        raise LowbitError("every Linear layer is ignored: nothing left to quantize")
+    return targets, ignored
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
