@@ -29,11 +29,12 @@ WIKI = DATA / "wikitext-2-raw" / "wiki.test.raw"
 PEERS = REPO / ".peers"
 
 LOWBIT_RUNS = [
-    # (label, scheme, weight strategy)
-    ("lowbit fp8 static, per-tensor W", "fp8", "tensor"),
-    ("lowbit fp8 static, per-channel W (default)", "fp8", "channel"),
-    ("lowbit fp8-dynamic, per-channel W", "fp8-dynamic", "channel"),
-    ("lowbit fp8-dynamic, per-tensor W", "fp8-dynamic", "tensor"),
+    # (label, scheme, weight strategy, weight observer)
+    ("lowbit fp8 static, per-tensor W, min-max (as llm-compressor FP8)", "fp8", "tensor", "minmax"),
+    ("lowbit fp8 static, per-channel W, min-max", "fp8", "channel", "minmax"),
+    ("lowbit fp8 static, per-channel W, MSE (default)", "fp8", "channel", "mse"),
+    ("lowbit fp8-dynamic, per-channel W, min-max", "fp8-dynamic", "channel", "minmax"),
+    ("lowbit fp8-dynamic, per-channel W, MSE (default)", "fp8-dynamic", "channel", "mse"),
 ]
 PEER_RUNS = [("llm-compressor 0.14 FP8 (static, per-tensor W)", "FP8"),
              ("llm-compressor 0.14 FP8_DYNAMIC (per-channel W)", "FP8_DYNAMIC")]
@@ -82,12 +83,12 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    for label, scheme, strategy in LOWBIT_RUNS:
+    for label, scheme, strategy, wobs in LOWBIT_RUNS:
         if args.only and not any(s in label for s in args.only.split(",")):
             continue
         t0 = time.perf_counter()
         res = lowbit.quantize(str(base_dir), output=work / label.replace(" ", "_").replace(",", ""), scheme=scheme,
-                              calib=calib, weight_strategy=strategy, progress=False)
+                              calib=calib, weight_strategy=strategy, weight_observer=wobs, progress=False)
         total = time.perf_counter() - t0 - res.seconds.get("load", 0) - res.seconds.get("save", 0)
         run_eval(label, res.output, total)
     if args.peers:

@@ -81,6 +81,7 @@ def quantize(
     ignore: list[str] | tuple[str, ...] = (),
     observer: str | None = None,
     weight_strategy: str | None = None,
+    weight_observer: str | None = None,
     layout: Layout = "compressed-tensors",
     overwrite: bool = False,
     device: str | None = None,
@@ -91,7 +92,7 @@ def quantize(
     output = Path(output)
     if layout == "autofp8" and weight_strategy is None:
         weight_strategy = "tensor"  # the only weight granularity that layout can hold
-    recipe = get_scheme(scheme, weight_strategy=weight_strategy, observer=observer)
+    recipe = get_scheme(scheme, weight_strategy=weight_strategy, observer=observer, weight_observer=weight_observer)
     check_output(output, overwrite)  # fail before the slow part, not after it
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
                    help="seeded shuffle of samples before taking --num-samples (not with --pack)")
     q.add_argument("--observer", default=None, help="activation observer for static scales: minmax (default) | moving-minmax")
+    q.add_argument("--weight-observer", choices=["minmax", "mse"], default=None,
+                   help="weight scales from an MSE search over amax * [0.8, 1] (default) or from amax (minmax)")
     q.add_argument("--weight-strategy", choices=["channel", "tensor"], default=None,
                    help="weight scales per output channel (default) or per tensor")
     q.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
@@ -101,14 +103,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     res = quantize(
         args.model, output=args.output, scheme=args.scheme, calib=calib, ignore=args.ignore, observer=args.observer,
-        weight_strategy=args.weight_strategy, layout=args.layout, overwrite=args.overwrite,
+        weight_strategy=args.weight_strategy, weight_observer=args.weight_observer, layout=args.layout, overwrite=args.overwrite,
         device=_device(args.device), batch_size=args.batch_size, progress=not args.quiet,
     )
     p = res.provenance
     rows: list[list[Any]] = [
         ["model", p["base_model"]],
         ["scheme", f"{p['scheme']} ({p['layout']})"],
-        ["weights", f"E4M3 per {p['recipe']['weights']['strategy']}"],
+        ["weights", f"E4M3 per {p['recipe']['weights']['strategy']}, observer {p['recipe']['weights']['observer']}"],
     ]
     if p.get("calibration"):
         c = p["calibration"]

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.models import cache_root
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -156,17 +157,12 @@ def _build_builtin_splits(stdlib: str) -> dict[str, list[str]]:
     return {"calibration": calibration, "heldout": heldout}
 
 
-def _cache_root() -> Path:
-    root = os.environ.get("LOWBIT_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "lowbit"
-
-
 @functools.lru_cache(maxsize=1)
 def _builtin_splits() -> dict[str, tuple[str, ...]]:
     """Both splits, built once per process and cached on disk per Python version (parsing ~2-3 s)."""
     stdlib = sysconfig.get_paths()["stdlib"]
     v = sys.version_info
-    cache_file = _cache_root() / f"builtin_corpus_{v.major}.{v.minor}.{v.micro}.json"
+    cache_file = cache_root() / f"builtin_corpus_{v.major}.{v.minor}.{v.micro}.json"
     key = {"format": _CACHE_FORMAT, "python": sys.version, "stdlib": stdlib}
     try:
         cached = json.loads(cache_file.read_text(encoding="utf-8"))

@@ -85,7 +85,8 @@ class AutoFP8ForCausalLM:
         self.model, self.tokenizer, self.source, self.name = model, tokenizer, source, name
         self.quantize_config = config
         self.scheme = get_scheme(
-            "fp8" if config.activation_scheme == "static" else "fp8-dynamic", weight_strategy="tensor"
+            "fp8" if config.activation_scheme == "static" else "fp8-dynamic", weight_strategy="tensor",
+            weight_observer="minmax",  # AutoFP8's weight scale is amax / 448
         )
         if config.activation_scheme == "dynamic":  # AutoFP8/vLLM dynamic = one scale per tensor per call
             from dataclasses import replace

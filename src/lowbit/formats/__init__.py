@@ -8,6 +8,7 @@ from lowbit.formats.float8 import (
     dequantize,
     fake_quantize,
     fake_quantize_ste,
+    mse_scale,
     quantize,
     scale_from_amax,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "fake_quantize_ste",
+    "mse_scale",
     "quantize",
     "scale_from_amax",
 ]

@@ -106,3 +106,37 @@ class _FakeQuantSTE(torch.autograd.Function):
 def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat = E4M3) -> torch.Tensor:
     """fake_quantize with a straight-through gradient for x (scale is treated as a constant)."""
     return _FakeQuantSTE.apply(x, scale, fmt)
+
+
+def mse_scale(
+    x: torch.Tensor,
+    amax: torch.Tensor,
+    fmt: FloatFormat,
+    scale_dtype: torch.dtype,
+    *,
+    shrink: tuple[float, float, int] = (0.8, 1.0, 21),
+) -> torch.Tensor:
+    """The scale, among amax * [lo..hi] / fmt.max, that minimizes the quantization MSE of x.
+
+    amax has x's reduction shape (keepdim), so the search runs independently per tensor, per
+    channel or per expert. Shrinking below amax clips the largest values to trade their error for
+    a finer grid elsewhere: for a minifloat the grid's relative step is fixed within a binade, so
+    what moves is where each value falls inside its binade and how the top binade (448 = 1.75 *
+    256 for E4M3) is used. Returns float32, already rounded to `scale_dtype`.
+    """
+    lo, hi, n = shrink
+    xf = x.float()
+    reduce = tuple(d for d in range(x.dim()) if amax.shape[d] == 1 and x.shape[d] != 1) or None
+    best_err: torch.Tensor | None = None
+    best = scale_from_amax(amax, fmt, scale_dtype)
+    for a in torch.linspace(hi, lo, n).tolist():  # amax itself first: ties keep the min-max scale
+        s = scale_from_amax(amax * a, fmt, scale_dtype)
+        err = (dequantize(quantize(xf, s, fmt), s) - xf).square()
+        err = err.sum(dim=reduce, keepdim=True) if reduce else err
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best = torch.where(better, s, best)
+        best_err = torch.where(better, err, best_err)
+    return best

@@ -32,7 +32,9 @@ BUILTIN = {
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
+    """Where converted models and the builtin corpus are cached: $LOWBIT_CACHE or ~/.cache/lowbit."""
+    root = os.environ.get("LOWBIT_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "lowbit"
 
 
 def _convert_builtin(name: str, target: Path) -> None:

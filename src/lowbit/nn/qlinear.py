@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.formats import absmax, dequantize, fake_quantize, quantize, scale_from_amax
+from lowbit.formats import absmax, dequantize, fake_quantize, mse_scale, quantize, scale_from_amax
 from lowbit.scheme import QuantArgs
 
 
@@ -68,7 +68,11 @@ class QuantLinear(nn.Module):
             device=w.device,
         )
         fmt = weights.format
-        scale = scale_from_amax(absmax(w, weights.strategy), fmt, scale_dtype)  # (out,1) or (1,1)
+        amax = absmax(w, weights.strategy)  # (out, 1) or (1, 1)
+        if weights.observer == "mse":
+            scale = mse_scale(w, amax, fmt, scale_dtype)
+        else:
+            scale = scale_from_amax(amax, fmt, scale_dtype)
         q.weight.copy_(quantize(w, scale, fmt))
         q.weight_scale.copy_(scale.to(scale_dtype))
         if linear.bias is not None:
