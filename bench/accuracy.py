@@ -61,6 +61,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--only", default=None, help="comma-separated substrings of run labels to keep")
+    ap.add_argument("--noise-offsets", default="",
+                    help="e.g. 64,128: repeat the static default and llm-compressor FP8 calibrating on the windows "
+                         "that start there, to show how much the numbers move with the calibration sample alone")
     args = ap.parse_args()
 
     import lowbit
@@ -69,42 +72,65 @@ def main() -> None:
     from lowbit.models import resolve_model
 
     base_dir = resolve_model("smollm2-135m")
-    calib = CalibConfig(source=str(CALIB), num_samples=args.calib_samples, max_length=512, pack=True)
     rows = []
     work = Path(tempfile.mkdtemp(prefix="lowbit-bench-"))
 
-    def run_eval(label: str, ckpt: Path, quantize_s: float) -> None:
+    def run_eval(label: str, ckpt: Path, quantize_s: float, offset: int) -> None:
         r = evaluate(ckpt, base=str(base_dir), data=str(WIKI), windows=args.windows, seq_len=512, latency=False,
                      progress=False)
         a = r["accuracy"]
         row = {"run": label, "ppl_base": a["ppl_base"], "ppl": a["ppl_quant"], "ppl_delta_pct": a["ppl_delta_pct"],
                "kl_mean": a["kl_mean"], "top1": a["top1_agreement"], "quantize_s": quantize_s,
-               "size_mib": r["size"]["quantized_disk_bytes"] / 2**20, "tokens": a["tokens"]}
+               "size_mib": r["size"]["quantized_disk_bytes"] / 2**20, "tokens": a["tokens"], "calib_offset": offset}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    for label, scheme, strategy, wobs in LOWBIT_RUNS:
-        if args.only and not any(s in label for s in args.only.split(",")):
-            continue
+    def lowbit_run(label: str, scheme: str, strategy: str, wobs: str, offset: int) -> None:
+        from lowbit.algorithms.ptq import quantize_model
+        from lowbit.calibration.data import load_calibration
+        from lowbit.checkpoint.export import save_checkpoint
+        from lowbit.models import load_model
+        from lowbit.scheme import get_scheme
+
+        model, tok, _ = load_model(str(base_dir))
+        recipe = get_scheme(scheme, weight_strategy=strategy, weight_observer=wobs)
         t0 = time.perf_counter()
-        res = lowbit.quantize(str(base_dir), output=work / label.replace(" ", "_").replace(",", ""), scheme=scheme,
-                              calib=calib, weight_strategy=strategy, weight_observer=wobs, progress=False)
-        total = time.perf_counter() - t0 - res.seconds.get("load", 0) - res.seconds.get("save", 0)
-        run_eval(label, res.output, total)
-    if args.peers:
+        samples = None
+        if recipe.static_inputs:  # windows [offset, offset + n) of the packed calibration text
+            cfg = CalibConfig(source=str(CALIB), num_samples=offset + args.calib_samples, max_length=512, pack=True)
+            samples = load_calibration(cfg, tok).samples[offset:]
+        rep = quantize_model(model, recipe, samples, progress=False)
+        seconds = time.perf_counter() - t0
+        out = work / f"{len(rows)}"
+        save_checkpoint(model, tok, out, scheme=recipe, ignore=rep.ignored, provenance={"base_model": str(base_dir)})
+        run_eval(label, out, seconds, offset)
+
+    def peer_run(label: str, preset: str, offset: int) -> None:
         py = ensure_peers()
+        out = work / f"llmc-{preset}-{offset}"
+        proc = subprocess.run([str(py), str(REPO / "bench" / "peer_llmcompressor.py"), "--model", str(base_dir),
+                               "--scheme", preset, "--calib", str(CALIB), "--num-samples", str(args.calib_samples),
+                               "--offset", str(offset), "--output", str(out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"llm-compressor run {preset} failed")
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        run_eval(label, out, info["quantize_seconds"], offset)
+
+    def keep(label: str) -> bool:
+        return not args.only or any(s in label for s in args.only.split(","))
+
+    for label, scheme, strategy, wobs in LOWBIT_RUNS:
+        if keep(label):
+            lowbit_run(label, scheme, strategy, wobs, 0)
+    if args.peers:
         for label, preset in PEER_RUNS:
-            if args.only and not any(s in label for s in args.only.split(",")):
-                continue
-            out = work / f"llmc-{preset}"
-            proc = subprocess.run([str(py), str(REPO / "bench" / "peer_llmcompressor.py"), "--model", str(base_dir),
-                                   "--scheme", preset, "--calib", str(CALIB), "--num-samples", str(args.calib_samples),
-                                   "--output", str(out)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"llm-compressor run {preset} failed")
-            info = json.loads(proc.stdout.strip().splitlines()[-1])
-            run_eval(label, out, info["quantize_seconds"])
+            if keep(label):
+                peer_run(label, preset, 0)
+    for offset in [int(o) for o in args.noise_offsets.split(",") if o]:
+        lowbit_run("lowbit fp8 static, per-channel W, MSE (default)", "fp8", "channel", "mse", offset)
+        if args.peers:
+            peer_run(PEER_RUNS[0][0], "FP8", offset)
 
     result = {"date": date.today().isoformat(), "machine": machine(), "lowbit": lowbit.__version__,
               "command": "python bench/accuracy.py " + " ".join(sys.argv[1:]), "calibration": f"{CALIB.name}: "
@@ -113,10 +139,11 @@ def main() -> None:
     out = REPO / "bench" / "results" / "accuracy.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print("\n| run | ppl | ppl delta | KL | top-1 | quantize s | size MiB |\n|---|---|---|---|---|---|---|")
+    print("\n| run | calib windows | ppl | ppl delta | KL | top-1 | quantize s | size MiB |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['ppl']:.3f} | {r['ppl_delta_pct']:+.2f}% | {r['kl_mean']:.4f} | "
-              f"{100 * r['top1']:.1f}% | {r['quantize_s']:.1f} | {r['size_mib']:.1f} |")
+        o = r["calib_offset"]
+        print(f"| {r['run']} | {o}-{o + args.calib_samples - 1} | {r['ppl']:.3f} | {r['ppl_delta_pct']:+.2f}% | "
+              f"{r['kl_mean']:.4f} | {100 * r['top1']:.2f}% | {r['quantize_s']:.1f} | {r['size_mib']:.1f} |")
 
 
 if __name__ == "__main__":

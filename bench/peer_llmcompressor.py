@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--calib", required=True)
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--offset", type=int, default=0, help="skip this many windows first")
     ap.add_argument("--output", required=True, type=Path)
     args = ap.parse_args()
 
@@ -35,7 +36,7 @@ def main() -> None:
     text = Path(args.calib).read_text(encoding="utf-8").replace("\r\n", "\n")
     ids = tok(text, add_special_tokens=False)["input_ids"]
     L = args.max_length
-    windows = [ids[i * L : (i + 1) * L] for i in range(args.num_samples)]
+    windows = [ids[i * L : (i + 1) * L] for i in range(args.offset, args.offset + args.num_samples)]
     ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * L for _ in windows]})
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
     recipe = QuantizationModifier(targets="Linear", scheme=args.scheme, ignore=["lm_head"])

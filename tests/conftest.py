@@ -59,8 +59,15 @@ def calib_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return f
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never write to the user's ~/.cache; the default model is converted once per session."""
-    if "LOWBIT_CACHE" not in os.environ:
-        monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path_factory.getbasetemp() / "lowbit-cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Tests never write to the user's ~/.cache: the default model is converted once per session
+    into a temporary cache (session scope, so module-scoped fixtures see it too)."""
+    if "LOWBIT_CACHE" in os.environ:
+        yield
+        return
+    os.environ["LOWBIT_CACHE"] = str(tmp_path_factory.getbasetemp() / "lowbit-cache")
+    try:
+        yield
+    finally:
+        del os.environ["LOWBIT_CACHE"]

@@ -7,7 +7,7 @@ checkpoint's `config_groups`, and back when a checkpoint is loaded.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from lowbit.errors import LowbitError
 from lowbit.formats import E4M3, FloatFormat
@@ -48,7 +48,7 @@ class QuantArgs:
 
     @classmethod
     def from_ct(cls, d: dict[str, Any]) -> QuantArgs:
-        strategy = d.get("strategy") or ("group" if d.get("group_size") else "tensor")
+        strategy = cast(Strategy, d.get("strategy") or ("group" if d.get("group_size") else "tensor"))
         return cls(
             num_bits=int(d.get("num_bits", 8)),
             type=d.get("type", "int"),
@@ -105,7 +105,7 @@ def get_scheme(
     if weight_strategy is not None:
         if weight_strategy not in ("tensor", "channel"):
             raise LowbitError(f"weight strategy must be 'tensor' or 'channel', not {weight_strategy!r}")
-        scheme = replace(scheme, weights=replace(scheme.weights, strategy=weight_strategy))
+        scheme = replace(scheme, weights=replace(scheme.weights, strategy=cast(Strategy, weight_strategy)))
     if weight_observer is not None:
         if weight_observer not in WEIGHT_OBSERVERS:
             raise LowbitError(f"unknown weight observer {weight_observer!r}; choose one of: {', '.join(WEIGHT_OBSERVERS)}")

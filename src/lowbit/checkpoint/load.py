@@ -171,7 +171,7 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: t
     state = {k: _fit(k, t, expected[k]) for k, t in tensors.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
-        model.tie_weights()
+        model.tie_weights()  # type: ignore[operator]
     for k, p in model.named_parameters():
         if p.is_meta:
             raise LowbitError(f"parameter {k} was not loaded from {path}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -26,7 +26,7 @@ def weight_sqnr(base: torch.nn.Module, quant: torch.nn.Module) -> dict[str, floa
     out = {}
     for name, m in quant.named_modules():
         if isinstance(m, QuantLinear):
-            ref = base.get_submodule(name).weight.detach().float().cpu()
+            ref = cast(torch.Tensor, base.get_submodule(name).weight).detach().float().cpu()
             out[name] = sqnr_db(ref, m.dequantized_weight(torch.float32).cpu())
     return out
 

@@ -92,13 +92,13 @@ class _FakeQuantSTE(torch.autograd.Function):
     """Straight-through estimator: identity gradient inside [-max*scale, max*scale], zero outside."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
         s = expand_scale(scale.float(), x)
         ctx.save_for_backward(x.float().abs() <= fmt.max * s)
         return fake_quantize(x, scale, fmt)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         (inside,) = ctx.saved_tensors
         return grad * inside.to(grad.dtype), None, None
 

@@ -51,7 +51,7 @@ def _convert_builtin(name: str, target: Path) -> None:
         raise LowbitError(f"{pkg_dir / spec['gguf']} is missing; reinstall with: {spec['pip']}")
     log.info("converting %s once from %s to %s", name, spec["gguf"], target)
     tokenizer = AutoTokenizer.from_pretrained(str(pkg_dir), gguf_file=spec["gguf"])
-    model = AutoModelForCausalLM.from_pretrained(str(pkg_dir), gguf_file=spec["gguf"], dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(pkg_dir), gguf_file=spec["gguf"], dtype=torch.float32)
     del model.config.quantization_config  # the dequantized model is a plain one
     model.hf_quantizer = None
     model.to(torch.bfloat16)
@@ -97,7 +97,7 @@ def load_model(
     if getattr(config, "quantization_config", None):
         raise LowbitError(f"{src} is already quantized; give the original model")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype or "auto")
+        model: Any = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype or "auto")
         tokenizer = AutoTokenizer.from_pretrained(str(src))
     except OSError as e:
         raise LowbitError(f"cannot load model {src}: {str(e).splitlines()[0]}") from None

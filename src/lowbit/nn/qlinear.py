@@ -24,6 +24,10 @@ class QuantLinear(nn.Module):
     Scales are stored in `scale_dtype` (the model dtype, as in the checkpoint) and used in float32.
     """
 
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    input_scale: torch.Tensor | None
+
     def __init__(
         self,
         in_features: int,
@@ -82,7 +86,8 @@ class QuantLinear(nn.Module):
 
     def set_input_scale(self, amax: torch.Tensor) -> None:
         assert self.input_scale is not None, "dynamic layers have no static input scale"
-        scale = scale_from_amax(amax.reshape(1, 1), self.input_args.format, self.input_scale.dtype)  # type: ignore[union-attr]
+        assert self.input_args is not None
+        scale = scale_from_amax(amax.reshape(1, 1), self.input_args.format, self.input_scale.dtype)
         self.input_scale.copy_(scale)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
