@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.eval.metrics import model_device
 from lowbit.nn import QuantLinear
 from lowbit.observers import Observer, make_observer
 from lowbit.scheme import Scheme
@@ -37,14 +38,6 @@ class PTQReport:
             "tokens_seen_min": min(self.tokens_seen.values()) if self.tokens_seen else None,
             "seconds": self.seconds,
         }
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 def quantize_weights(model: nn.Module, scheme: Scheme, targets: list[str], scale_dtype: torch.dtype) -> None:
