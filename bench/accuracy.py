@@ -18,7 +18,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
@@ -86,24 +85,13 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     def lowbit_run(label: str, scheme: str, strategy: str, wobs: str, offset: int) -> None:
-        from lowbit.algorithms.ptq import quantize_model
-        from lowbit.calibration.data import load_calibration
-        from lowbit.checkpoint.export import save_checkpoint
-        from lowbit.models import load_model
-        from lowbit.scheme import get_scheme
-
-        model, tok, _ = load_model(str(base_dir))
-        recipe = get_scheme(scheme, weight_strategy=strategy, weight_observer=wobs)
-        t0 = time.perf_counter()
-        samples = None
-        if recipe.static_inputs:  # windows [offset, offset + n) of the packed calibration text
-            cfg = CalibConfig(source=str(CALIB), num_samples=offset + args.calib_samples, max_length=512, pack=True)
-            samples = load_calibration(cfg, tok).samples[offset:]
-        rep = quantize_model(model, recipe, samples, progress=False)
-        seconds = time.perf_counter() - t0
-        out = work / f"{len(rows)}"
-        save_checkpoint(model, tok, out, scheme=recipe, ignore=rep.ignored, provenance={"base_model": str(base_dir)})
-        run_eval(label, out, seconds, offset)
+        calib = CalibConfig(source=str(CALIB), num_samples=args.calib_samples, max_length=512, pack=True,
+                            skip_windows=offset)
+        res = lowbit.quantize(str(base_dir), output=work / f"{len(rows)}", scheme=scheme, calib=calib,
+                              weight_strategy=strategy, weight_observer=wobs, progress=False)
+        # From the loaded model to the quantized one (data, weights, calibration): what oneshot times.
+        seconds = sum(v for k, v in res.seconds.items() if k not in ("load", "save"))
+        run_eval(label, res.output, seconds, offset)
 
     def peer_run(label: str, preset: str, offset: int) -> None:
         py = ensure_peers()

@@ -429,3 +429,15 @@ def test_hf_pack_streams_just_enough(monkeypatch: pytest.MonkeyPatch, tok: PreTr
     # Each row is 10 words (instruction + response); (2 + 1 spare) windows of 10 need 3 rows.
     assert stream.pulled == 3
     assert [s.tolist() for s in data.samples] == [ids_of(0, 10), ids_of(10, 10)]
+
+
+def test_pack_skip_windows(tmp_path: Path, tok: PreTrainedTokenizerFast) -> None:
+    src = write(tmp_path, "c.txt", words(0, 50))
+    # 50 one-token words, windows of 10: skipping 2 windows starts at word 20 (id 23).
+    data = load_calibration(cfg(src, pack=True, max_length=10, num_samples=2, skip_windows=2), tok)
+    assert [s.tolist() for s in data.samples] == [ids_of(20, 10), ids_of(30, 10)]
+    assert data.summary()["skipped_windows"] == 2
+    with pytest.raises(LowbitError, match="needs pack mode"):
+        load_calibration(cfg(src, pack=False, skip_windows=1), tok)
+    with pytest.raises(LowbitError, match="skip_windows must be"):
+        CalibConfig(skip_windows=-1)

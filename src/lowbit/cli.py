@@ -12,6 +12,7 @@ from typing import Any
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
+from lowbit.scheme import WEIGHT_OBSERVERS
 
 log = logging.getLogger("lowbit")
 
@@ -46,10 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                    help="join the text and cut windows of --max-length tokens in order (default: on for builtin)")
+    q.add_argument("--skip-windows", type=int, default=0, metavar="N",
+                   help="with --pack: start after the first N windows (hold them out, or try another slice)")
     q.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
                    help="seeded shuffle of samples before taking --num-samples (not with --pack)")
     q.add_argument("--observer", default=None, help="activation observer for static scales: minmax (default) | moving-minmax")
-    q.add_argument("--weight-observer", choices=["minmax", "mse"], default=None,
+    q.add_argument("--weight-observer", choices=WEIGHT_OBSERVERS, default=None,
                    help="weight scales from an MSE search over amax * [0.8, 1] (default) or from amax (minmax)")
     q.add_argument("--weight-strategy", choices=["channel", "tensor"], default=None,
                    help="weight scales per output channel (default) or per tensor")
@@ -99,7 +102,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     calib = CalibConfig(
         source=args.calib, num_samples=args.num_samples, max_length=args.max_length, min_length=args.min_length,
-        seed=args.seed, pack=args.pack, shuffle=args.shuffle,
+        seed=args.seed, pack=args.pack, shuffle=args.shuffle, skip_windows=args.skip_windows,
     )
     res = quantize(
         args.model, output=args.output, scheme=args.scheme, calib=calib, ignore=args.ignore, observer=args.observer,

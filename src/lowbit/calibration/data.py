@@ -73,12 +73,17 @@ class CalibConfig:
     seed: int = 0
     pack: bool | None = None  # None = the source's default: builtin -> True, files/hf -> False
     shuffle: bool = True  # seeded shuffle before taking num_samples; ignored when packing
+    skip_windows: int = 0  # pack mode: start at this window (e.g. hold the first ones out, or vary the slice)
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise LowbitError(f"num_samples must be an integer >= 1, got {self.num_samples!r}.")
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise LowbitError(f"max_length must be an integer >= 2 tokens, got {self.max_length!r}.")
+        if not isinstance(self.skip_windows, int) or self.skip_windows < 0:
+            raise LowbitError(f"skip_windows must be an integer >= 0, got {self.skip_windows!r}.")
+        if self.skip_windows and self.pack is False:
+            raise LowbitError("skip_windows counts packed windows; it needs pack mode (--pack).")
         if not isinstance(self.min_length, int) or not 1 <= self.min_length <= self.max_length:
             raise LowbitError(
                 f"min_length must be an integer between 1 and max_length ({self.max_length}), "
@@ -102,6 +107,7 @@ class CalibData:
     dropped_short: int  # samples dropped for having fewer than min_length tokens
     chat_template_applied: bool
     packed: bool
+    skipped_windows: int = 0
 
     def summary(self) -> dict[str, Any]:
         """Everything but the samples (JSON-serializable), plus ``num_samples``, for run reports."""
@@ -437,14 +443,14 @@ def read_text_source(source: str, split: str = "heldout") -> tuple[str, str]:
 def _pack(text: str, tokenizer: PreTrainedTokenizerBase, cfg: CalibConfig) -> tuple[list[torch.Tensor], int]:
     """Non-overlapping windows of max_length tokens from the start of ``text`` (tokenized once).
 
-    Returns (first num_samples windows, tokens in the text). A trailing partial window is kept
+    Returns (num_samples windows after the first skip_windows, tokens in the text). A trailing partial window is kept
     only if it has at least min_length tokens.
     """
     ids = torch.tensor(_encode(tokenizer, text, add_special_tokens=False), dtype=torch.int64)
     windows = list(torch.split(ids, cfg.max_length))
     if windows and len(windows[-1]) < cfg.min_length:
         windows.pop()
-    return windows[: cfg.num_samples], len(ids)
+    return windows[cfg.skip_windows : cfg.skip_windows + cfg.num_samples], len(ids)
 
 
 def _one_per_record(
@@ -482,7 +488,7 @@ def _shuffled(records: list[_Record], cfg: CalibConfig) -> list[_Record]:
 
 def _hf_pack_text(records: Iterable[_Record], tokenizer: PreTrainedTokenizerBase, cfg: CalibConfig) -> str:
     """Joined text of just enough streamed records to fill num_samples windows (plus one spare)."""
-    need = (cfg.num_samples + 1) * cfg.max_length
+    need = (cfg.skip_windows + cfg.num_samples + 1) * cfg.max_length
     texts: list[str] = []
     have = 0
     for rec in records:
@@ -543,6 +549,8 @@ def load_calibration(cfg: CalibConfig, tokenizer: PreTrainedTokenizerBase) -> Ca
         pack_text = text if suffix not in (".jsonl", ".json") else "\n\n".join(r.text for r in records)
 
     truncated = dropped = 0
+    if cfg.skip_windows and not pack:
+        raise LowbitError("skip_windows counts packed windows; it needs pack mode (--pack).")
     if pack:
         if records is None:
             pack_text = _hf_pack_text(stream, tokenizer, cfg)
@@ -588,4 +596,5 @@ def load_calibration(cfg: CalibConfig, tokenizer: PreTrainedTokenizerBase) -> Ca
         dropped_short=dropped,
         chat_template_applied=chat,
         packed=pack,
+        skipped_windows=cfg.skip_windows,
     )

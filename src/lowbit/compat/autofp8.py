@@ -14,8 +14,10 @@ it was loaded on (pass `device_map`/`device` as you would to transformers).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +55,7 @@ class BaseQuantizeConfig:
 
     def lowbit_patterns(self) -> list[str]:
         """The same patterns in lowbit's syntax (re: is a full match there, so wrap searches)."""
-        return [f"re:.*(?:{p[3:]}).*" if p.startswith("re:") else f"re:{_escape(p)}" for p in self.ignore_patterns]
-
-
-def _escape(name: str) -> str:
-    import re
-
-    return re.escape(name)
+        return [f"re:.*(?:{p[3:]}).*" if p.startswith("re:") else f"re:{re.escape(p)}" for p in self.ignore_patterns]
 
 
 def _samples(tokens: Any) -> list[torch.Tensor]:
@@ -89,8 +85,6 @@ class AutoFP8ForCausalLM:
             weight_observer="minmax",  # AutoFP8's weight scale is amax / 448
         )
         if config.activation_scheme == "dynamic":  # AutoFP8/vLLM dynamic = one scale per tensor per call
-            from dataclasses import replace
-
             assert self.scheme.input_activations is not None
             self.scheme = replace(self.scheme, input_activations=replace(self.scheme.input_activations, strategy="tensor"))
         self._report: PTQReport | None = None
