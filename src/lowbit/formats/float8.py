@@ -1,10 +1,11 @@
-"""FP8 formats (OCP E4M3FN, E5M2): exact, saturating quantize / dequantize.
+"""Scaled minifloat quantization (FP8 E4M3FN / E5M2 first, any `Minifloat`): exact, saturating.
 
-Pure tensor functions, no modules. Values are mapped to the format's grid by torch's own cast
-(round-to-nearest-even, bit-exact with the hardware formats) after an explicit clamp to
-+-max: the clamp makes saturation a property of lowbit rather than of the installed torch
-(CPU builds of torch 2.13 saturate, but older builds and some device kernels turn 500 into
-NaN for E4M3FN). NaN inputs stay NaN; +-inf saturate to +-max like any out-of-range value.
+Pure tensor functions, no modules. Values are mapped to the format's grid by `fmt.cast`: torch's
+own cast for formats torch has and rounds identically (round-to-nearest-even, bit-exact with the
+hardware formats, tested on every code) after an explicit clamp to +-max, else lowbit's simulator.
+The clamp makes saturation a property of lowbit rather than of the installed torch (CPU builds of
+torch 2.13 saturate, but older builds and some device kernels turn 500 into NaN for E4M3FN).
+NaN inputs stay NaN; +-inf saturate to +-max like any out-of-range value.
 
 Shapes: `x` is any shape; `scale` broadcasts against it, or (for groups) has a last dimension
 `x.shape[-1] // group_size` and is expanded along the last dimension.
@@ -12,34 +13,15 @@ Shapes: `x` is any shape; `scale` broadcasts against it, or (for groups) has a l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from lowbit.formats.minifloat import E4M3FN, E5M2, Minifloat
 
-@dataclass(frozen=True)
-class FloatFormat:
-    """A floating-point element format that torch has as a dtype."""
+# FP8 is one case of the generic simulator: scales and (de)quantization below take any Minifloat.
+FloatFormat = Minifloat
+E4M3 = E4M3FN
 
-    name: str
-    ebits: int
-    mbits: int
-    max: float  # largest finite magnitude
-    dtype: torch.dtype
-
-    @property
-    def bits(self) -> int:
-        return 1 + self.ebits + self.mbits
-
-    def cast(self, x: torch.Tensor) -> torch.Tensor:
-        """Saturating round-to-nearest-even cast of an already scaled tensor to the storage dtype."""
-        return x.clamp(-self.max, self.max).to(self.dtype)
-
-
-E4M3 = FloatFormat("float8_e4m3fn", 4, 3, 448.0, torch.float8_e4m3fn)
-E5M2 = FloatFormat("float8_e5m2", 5, 2, 57344.0, torch.float8_e5m2)
-
-FORMATS: dict[str, FloatFormat] = {"e4m3": E4M3, "float8_e4m3fn": E4M3, "e5m2": E5M2, "float8_e5m2": E5M2}
+FORMATS: dict[str, Minifloat] = {"e4m3": E4M3, "float8_e4m3fn": E4M3, "e5m2": E5M2, "float8_e5m2": E5M2}
 
 # Smallest scale lowbit ever writes: keeps all-zero channels and tokens finite (q = 0 there)
 # and is a normal number in float32 and bfloat16 alike.
@@ -66,7 +48,7 @@ def scale_from_amax(amax: torch.Tensor, fmt: FloatFormat, scale_dtype: torch.dty
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat = E4M3) -> torch.Tensor:
-    """x / scale on fmt's grid, saturated, as fmt.dtype codes (same shape as x)."""
+    """x / scale on fmt's grid, saturated: fmt.dtype codes, or float32 grid values for a format torch lacks."""
     return fmt.cast(x.float() / expand_scale(scale.float(), x))
 
 
