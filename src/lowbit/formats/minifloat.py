@@ -33,10 +33,12 @@ a 4096 x 4096 float32 tensor cost about one cast to float8 and back on a CPU (BE
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -194,21 +196,52 @@ class Minifloat:
         return self.name
 
     # --- simulation ------------------------------------------------------------------------------------------
-    def round(self, x: torch.Tensor, *, saturate: bool = True, scale: float | None = None) -> torch.Tensor:
+    def round(
+        self, x: torch.Tensor, *, saturate: bool = True, scale: float | torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x (or x / scale) rounded to this format's grid, as float32 of x's shape (times scale if given).
 
         Ties to even, subnormals, saturation; x of any float dtype and device. NaN stays NaN; see
-        the module docstring for inf and overflow. A scalar `scale` is applied inside the chunked
-        passes (a quantize-dequantize without extra passes over memory).
+        the module docstring for inf and overflow. `scale` (a positive number, or a tensor that
+        broadcasts against x) is applied inside the chunked passes: a quantize-dequantize without
+        extra passes over memory. Scales of shape (..., 1) (per row: channel, token, or group after
+        an unflatten) keep the fast path; other shapes divide and multiply in separate passes.
         """
         xf = x.float().contiguous()
-        out = torch.empty_like(xf)
         if not self.signed:
             _refuse_negative(self, xf)
         if self.convention == "finite":
             saturate = True
-        if scale is not None and not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale must be a positive finite number, got {scale}")
+        on_gpu = xf.device.type == "cuda" and _USE_COMPILE and self.emin >= -126
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            if on_gpu and scale.device == xf.device:  # keep it there: float() would wait for the GPU
+                y = self._round_gpu(xf, scale.float().reshape(()), saturate, True)
+                if y is not None:
+                    return y
+            scale = float(scale)
+        if isinstance(scale, float | int):
+            scale = float(scale)
+            if not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"scale must be a positive finite number, got {scale}")
+        if isinstance(scale, torch.Tensor):
+            sf = scale.float()
+            rowwise = xf.dim() >= 1 and sf.dim() <= xf.dim() and sf.shape[-1:] in ((1,), torch.Size([]))
+            if not rowwise:  # e.g. one scale per column: divide and multiply outside the fast path
+                return self.round(xf / sf, saturate=saturate).mul_(sf)
+            rows = sf.expand(*xf.shape[:-1], 1).reshape(-1, 1).to(xf.device)
+        if on_gpu:
+            s_t = rows if isinstance(scale, torch.Tensor) else _device_scalar(scale or 1.0, xf.device)
+            y = self._round_gpu(xf, s_t, saturate, scale is not None)
+            if y is not None:
+                return y
+        out = torch.empty_like(xf)
+        if isinstance(scale, torch.Tensor):
+            c = xf.shape[-1]
+            x2, o2 = xf.view(-1, c), out.view(-1, c)
+            step = max(1, _CHUNK // max(c, 1))
+            for i in range(0, x2.shape[0], step):
+                self._round_chunk(x2[i : i + step], o2[i : i + step], saturate, rows[i : i + step])
+            return out
         flat_x, flat_o = xf.view(-1), out.view(-1)
         n = flat_x.numel()
         chunk = n if xf.device.type != "cpu" else _CHUNK
@@ -216,7 +249,18 @@ class Minifloat:
             self._round_chunk(flat_x[i : i + chunk], flat_o[i : i + chunk], saturate, scale)
         return out
 
-    def _round_chunk(self, xc: torch.Tensor, o: torch.Tensor, saturate: bool, scale: float | None) -> None:
+    def _round_gpu(self, xf: torch.Tensor, scale: torch.Tensor, saturate: bool, scaled: bool) -> torch.Tensor | None:
+        """The fused (torch.compile) path; None when compiling fails here (the caller runs eager)."""
+        try:
+            x2 = xf.reshape(-1, max(xf.shape[-1:] or (1,)))
+            return _compiled_round(self, x2, scale, saturate, scaled).reshape(xf.shape)
+        except Exception as e:  # no working Triton / compiler here: the eager path gives the same bits
+            _disable_compile(e)
+            return None
+
+    def _round_chunk(
+        self, xc: torch.Tensor, o: torch.Tensor, saturate: bool, scale: float | torch.Tensor | None
+    ) -> None:
         a = torch.abs(xc, out=o) if scale is None else torch.div(xc, scale, out=o).abs_()
         if saturate:
             a.clamp_(max=self.max)
@@ -266,11 +310,9 @@ class Minifloat:
         self, x: torch.Tensor, scale: torch.Tensor | float = 1.0, *, saturate: bool = True
     ) -> torch.Tensor:
         """(x / scale) on this grid, times scale, in x's dtype. scale broadcasts against x."""
-        if isinstance(scale, torch.Tensor) and scale.numel() > 1:
-            y = self.round(x.float() / scale.float(), saturate=saturate)
-            return y.mul_(scale.float()).to(x.dtype)
-        s = float(scale)
-        return self.round(x, saturate=saturate, scale=None if s == 1.0 else s).to(x.dtype)
+        if not isinstance(scale, torch.Tensor) and float(scale) == 1.0:
+            return self.round(x, saturate=saturate).to(x.dtype)
+        return self.round(x, saturate=saturate, scale=scale).to(x.dtype)
 
     def cast(self, x: torch.Tensor) -> torch.Tensor:
         """Saturating cast of an already scaled tensor: torch's dtype when it has one, else grid values in float32.
@@ -374,6 +416,98 @@ class Minifloat:
     @property
     def num_finite(self) -> int:
         return int(self.values().numel())
+
+
+def _consts(fmt: Minifloat, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The numbers the compiled kernel needs, as 0-dim tensors of the right dtype: as Python ints,
+    torch.compile(dynamic=True) would pass them as 64-bit symbols and break the 32-bit bit tricks;
+    as tensors one compiled graph serves every format."""
+    s = 23 - fmt.mbits
+
+    def f32(v: float) -> torch.Tensor:
+        return torch.tensor(v, dtype=torch.float32, device=device)
+
+    def i32(v: int) -> torch.Tensor:
+        return torch.tensor(v, dtype=torch.int32, device=device)
+
+    return (
+        f32(fmt.max),
+        f32(fmt.min_normal),
+        f32(2.0 ** (fmt.emin - fmt.mbits + 23)),
+        f32(math.inf if fmt.convention == "ieee" else math.nan),
+        i32(s),
+        i32((1 << (s - 1)) - 1 if s else 0),
+        i32(~((1 << s) - 1)),
+        i32(int(fmt._flip_parity)),
+    )
+
+
+def _round_functional(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    consts: tuple[torch.Tensor, ...],
+    saturate: bool,
+    scaled: bool,
+    subnormals: bool,
+    signed: bool,
+) -> torch.Tensor:
+    """The same rounding as `Minifloat._round_chunk`, written without in-place ops so that
+    torch.compile fuses it into one GPU kernel (one read, one write: the cost of a plain cast)."""
+    vmax, min_normal, magic, overflow, shift, half, mask, flip = consts
+    a = (x / scale).abs() if scaled else x.abs()
+    if saturate:
+        a = torch.minimum(a, vmax)  # NaN stays NaN
+    b = a.view(torch.int32)
+    lsb = ((b >> shift) & 1) ^ flip
+    normal = ((b + lsb + half) & mask).view(torch.float32)
+    if subnormals:
+        r = torch.where(a >= min_normal, normal, (a + magic) - magic)
+    else:
+        r = torch.where(a >= min_normal, normal, torch.where(torch.isnan(a), a, min_normal))
+    if not saturate:
+        r = torch.where(r > vmax, overflow, r)
+    if signed:
+        r = r.copysign(x)
+    return r * scale if scaled else r
+
+
+# torch.compile on CUDA (Triton): the eager chunked path launches about ten kernels per call on a
+# GPU; fused, a quantize-dequantize runs at the speed of a cast. Set LOWBIT_NO_COMPILE=1 to disable.
+_USE_COMPILE = os.environ.get("LOWBIT_NO_COMPILE", "") in ("", "0")
+_KERNEL: Any = None
+_CONSTS: dict[tuple[Minifloat, str], tuple[torch.Tensor, ...]] = {}
+
+
+_ONES: dict[str, torch.Tensor] = {}
+
+
+def _device_scalar(v: float, device: torch.device) -> torch.Tensor:
+    """A 0-dim float32 tensor on `device`; 1.0 is cached (no host-to-device copy per call)."""
+    if v != 1.0:
+        return torch.tensor(v, dtype=torch.float32, device=device)
+    key = str(device)
+    if key not in _ONES:
+        _ONES[key] = torch.ones((), dtype=torch.float32, device=device)
+    return _ONES[key]
+
+
+def _disable_compile(err: Exception) -> None:
+    global _USE_COMPILE
+    _USE_COMPILE = False
+    logging.getLogger("lowbit").warning(
+        "torch.compile of the format simulator failed (%s); using the eager path (same results, slower on GPU)",
+        str(err).splitlines()[0][:200],
+    )
+
+
+def _compiled_round(fmt: Minifloat, x: torch.Tensor, scale: torch.Tensor, saturate: bool, scaled: bool) -> torch.Tensor:
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = torch.compile(_round_functional, dynamic=True, fullgraph=True)
+    key = (fmt, str(x.device))
+    if key not in _CONSTS:
+        _CONSTS[key] = _consts(fmt, x.device)
+    return _KERNEL(x, scale, _CONSTS[key], saturate, scaled, fmt.subnormals, fmt.signed)
 
 
 def _refuse_negative(fmt: Minifloat, x: torch.Tensor) -> None:
