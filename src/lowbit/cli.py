@@ -75,6 +75,29 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--decode-tokens", type=_positive, default=32)
     e.add_argument("--device", default=None)
     e.add_argument("--json", type=Path, default=None, help="also write every number to this file")
+    f = sub.add_parser("formats", parents=[common], help="the number formats: table, explain, plot, compare on a model",
+                       description="Without an action: a table of every named format.")
+    fsub = f.add_subparsers(dest="action", metavar="ACTION")
+    fl = fsub.add_parser("list", parents=[common], help="table of every named format (the default)")
+    fl.add_argument("--json", type=Path, default=None, help="also write the table to this file")
+    fe = fsub.add_parser("explain", parents=[common], help="where a format's range comes from, step by step")
+    fe.add_argument("name", help="e4m3, e5m2, e2m1, e8m0, int8, nf4, mxfp4, nvfp4, bf16, or any eXmY[fn|fnuz|finite][_bBIAS]")
+    fp = fsub.add_parser("plot", parents=[common], help="representable values (log axis) and relative error")
+    fp.add_argument("names", nargs="+", metavar="NAME")
+    fp.add_argument("--output", "-o", type=Path, required=True, help="image file (.png, .svg or .pdf)")
+    fc = fsub.add_parser("compare", parents=[common], help="per Linear layer: outliers and SQNR of each candidate format")
+    fc.add_argument("model", nargs="?", default=None, help="built-in name, model directory or hub id (default smollm2-135m)")
+    fc.add_argument("--calib", default="builtin", help="builtin | PATH (.txt, .jsonl) | hf:NAME")
+    fc.add_argument("--num-samples", type=_positive, default=8)
+    fc.add_argument("--max-length", type=_positive, default=512)
+    fc.add_argument("--seed", type=int, default=0)
+    fc.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                    help="join the text and cut windows of --max-length tokens (default: on for builtin)")
+    fc.add_argument("--ignore", action="append", default=[], metavar="PATTERN", help="skip matching Linear layers")
+    fc.add_argument("--output", "-o", type=Path, default=None,
+                    help="directory for formats_compare.json, .md (every layer) and .png")
+    fc.add_argument("--overwrite", action="store_true")
+    fc.add_argument("--device", default=None)
     return p
 
 
@@ -152,13 +175,90 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"doctor": cmd_doctor, "quantize": cmd_quantize, "eval": cmd_eval}
+def _get_format(name: str) -> Any:
+    from lowbit.formats.registry import get_format
+
+    try:
+        return get_format(name)
+    except ValueError as e:
+        raise LowbitError(str(e)) from None
+
+
+def cmd_formats(args: argparse.Namespace) -> int:
+    from lowbit.table import render
+
+    action = args.action or "list"
+    if action == "list":
+        from lowbit.formats.registry import table_rows
+
+        rows = table_rows()
+        cols = ["name", "kind", "bits", "ebits", "mbits", "bias", "specials", "max", "min_normal", "min_subnormal",
+                "finite_values", "relative_step", "bits_per_value"]
+        heads = ["name", "kind", "bits", "E", "M", "bias", "inf/NaN", "max", "min normal", "min subnormal",
+                 "finite values", "rel. step", "bits/value"]
+        print(render([["-" if r[c] is None else r[c] for c in cols] for r in rows], heads))
+        print("\nrel. step: grid spacing relative to a binade's start (2^-M), for integers 1/qmax; bits/value counts"
+              " block scales. `lowbit formats explain NAME` derives any of these numbers.")
+        if getattr(args, "json", None):
+            from lowbit.checkpoint.io import write_json
+
+            write_json(args.json, rows)
+        return 0
+    if action == "explain":
+        from lowbit.formats.registry import explain
+
+        print(explain(_get_format(args.name)))
+        return 0
+    if action == "plot":
+        from lowbit.formats.plot import plot_formats
+
+        fmts = [_get_format(n) for n in args.names]
+        if args.output.suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise LowbitError(f"--output {args.output}: give a .png, .svg or .pdf file")
+        print(f"wrote {plot_formats(fmts, args.output)}")
+        return 0
+    return _formats_compare(args)
+
+
+def _formats_compare(args: argparse.Namespace) -> int:
+    from lowbit.analysis.format_compare import compare_formats
+    from lowbit.analysis.format_report import finding_table, summary_table, write_report
+    from lowbit.calibration.data import CalibConfig, load_calibration
+    from lowbit.checkpoint.io import check_output
+    from lowbit.models import load_model
+    from lowbit.targets import select_linears
+
+    if args.output is not None:
+        check_output(args.output, args.overwrite)
+    model, tok, src = load_model(args.model, device=_device(args.device))
+    calib = load_calibration(
+        CalibConfig(source=args.calib, num_samples=args.num_samples, max_length=args.max_length,
+                    min_length=min(16, args.max_length), seed=args.seed, pack=args.pack),
+        tok,
+    )
+    targets, _ = select_linears(model, args.ignore)
+    result = compare_formats(model, calib.samples, targets=targets, progress=not args.quiet)
+    result["meta"] = {
+        "model": str(src),
+        "calibration": f"{len(calib.samples)} samples, {calib.num_tokens} tokens from {calib.source}",
+        "calibration_summary": calib.summary(),
+    }
+    print(summary_table(result))
+    print()
+    print(finding_table(result))
+    if args.output is not None:
+        write_report(result, args.output, overwrite=args.overwrite)
+        print(f"\nevery layer: {args.output / 'formats_compare.md'}; plot and JSON beside it")
+    return 0
+
+
+COMMANDS = {"doctor": cmd_doctor, "quantize": cmd_quantize, "eval": cmd_eval, "formats": cmd_formats}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="lowbit: %(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "accelerate", "compressed_tensors"):
+    for noisy in ("transformers", "accelerate", "compressed_tensors", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"
