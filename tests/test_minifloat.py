@@ -283,7 +283,7 @@ def test_impossible_formats_are_refused(kwargs: dict, msg: str) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_matches_cpu() -> None:
-    # the GPU runs a torch.compile'd (Triton) version of the rounding: bit for bit the CPU's
+    # the GPU runs one Triton kernel (lowbit.kernels.triton_round): bit for bit the CPU's result
     x = random_float32(1 << 20, seed=5)
     for fmt in (E4M3FN, E5M2, E3M4, E2M1, BF16, E8M0):
         xs = x.abs() if not fmt.signed else x

@@ -25,9 +25,9 @@ def summary_table(result: dict[str, Any]) -> str:
             rows.append(
                 [
                     f"{r['kind']} {label}",
-                    d["median_excess_kurtosis"],
-                    d["median_max_over_std"],
-                    *[round(d["sqnr_db"][c], 1) for c in CANDIDATES],
+                    f"{d['median_excess_kurtosis']:.1f}",
+                    f"{d['median_max_over_std']:.1f}",
+                    *[f"{d['sqnr_db'][c]:.1f}" for c in CANDIDATES],
                     _winners(d["winners"]),
                 ]
             )
@@ -39,7 +39,7 @@ def finding_table(result: dict[str, Any]) -> str:
     rows = []
     for which in ("weight", "input"):
         for fmt, d in result["finding"][which].items():
-            rows.append([which, _SHORT[fmt], d["tensors"], d["median_excess_kurtosis"]])
+            rows.append([which, _SHORT[fmt], d["tensors"], f"{d['median_excess_kurtosis']:.1f}"])
     return render(rows, ["tensor", "best 8-bit format", "tensors", "median excess kurtosis"])
 
 
@@ -50,9 +50,9 @@ def layer_table(result: dict[str, Any]) -> str:
         rows.append(
             [
                 layer["name"],
-                w["excess_kurtosis"],
-                a["excess_kurtosis"],
-                a["max_over_std"],
+                f"{w['excess_kurtosis']:.1f}",
+                f"{a['excess_kurtosis']:.1f}",
+                f"{a['max_over_std']:.1f}",
                 f"{100 * a['beyond_6sigma']:.3f}",
                 *[f"{w['sqnr_db'][c]:.1f}/{a['sqnr_db'][c]:.1f}" for c in CANDIDATES],
                 f"{_SHORT[layer['recommend']['weight']]}/{_SHORT[layer['recommend']['input']]}",

@@ -290,6 +290,11 @@ def block_fake_quantize(
 ) -> torch.Tensor:
     """block_dequantize(block_quantize(x, fmt, ...), x.dtype) without the intermediate object."""
     xb, n = _blocks(x, fmt, pad)
+    if not fmt.two_level and global_scale is None:
+        # MX: values * X is exact (X a power of two), so divide, round and multiply in the
+        # simulator's fused pass (one kernel on a GPU) give the same bits as the two steps
+        out = fmt.element.round(xb, scale=_mx_scales(_block_amax(xb), fmt).unsqueeze(-1)).flatten(-2)
+        return (out[..., :n] if out.shape[-1] != n else out).to(x.dtype)
     values, scales, g = _quantize_blocks(xb, fmt, global_scale)
     return _dequantize_blocks(values, scales, g, n, x.dtype)
 

@@ -38,7 +38,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -212,10 +212,10 @@ class Minifloat:
             _refuse_negative(self, xf)
         if self.convention == "finite":
             saturate = True
-        on_gpu = xf.device.type == "cuda" and _USE_COMPILE and self.emin >= -126
+        on_gpu = xf.device.type == "cuda" and _USE_KERNEL and self.emin >= -126
         if isinstance(scale, torch.Tensor) and scale.numel() == 1:
             if on_gpu and scale.device == xf.device:  # keep it there: float() would wait for the GPU
-                y = self._round_gpu(xf, scale.float().reshape(()), saturate, True)
+                y = self._round_gpu(xf, scale.float().reshape(()), saturate)
                 if y is not None:
                     return y
             scale = float(scale)
@@ -230,8 +230,8 @@ class Minifloat:
                 return self.round(xf / sf, saturate=saturate).mul_(sf)
             rows = sf.expand(*xf.shape[:-1], 1).reshape(-1, 1).to(xf.device)
         if on_gpu:
-            s_t = rows if isinstance(scale, torch.Tensor) else _device_scalar(scale or 1.0, xf.device)
-            y = self._round_gpu(xf, s_t, saturate, scale is not None)
+            s_t = rows if isinstance(scale, torch.Tensor) else None if scale is None else _device_scalar(scale, xf.device)
+            y = self._round_gpu(xf, s_t, saturate)
             if y is not None:
                 return y
         out = torch.empty_like(xf)
@@ -249,13 +249,14 @@ class Minifloat:
             self._round_chunk(flat_x[i : i + chunk], flat_o[i : i + chunk], saturate, scale)
         return out
 
-    def _round_gpu(self, xf: torch.Tensor, scale: torch.Tensor, saturate: bool, scaled: bool) -> torch.Tensor | None:
-        """The fused (torch.compile) path; None when compiling fails here (the caller runs eager)."""
+    def _round_gpu(self, xf: torch.Tensor, scale: torch.Tensor | None, saturate: bool) -> torch.Tensor | None:
+        """The one-kernel CUDA path; None when Triton is missing or fails here (the caller runs eager)."""
         try:
-            x2 = xf.reshape(-1, max(xf.shape[-1:] or (1,)))
-            return _compiled_round(self, x2, scale, saturate, scaled).reshape(xf.shape)
-        except Exception as e:  # no working Triton / compiler here: the eager path gives the same bits
-            _disable_compile(e)
+            from lowbit.kernels.triton_round import round_cuda
+
+            return round_cuda(self, xf, scale, saturate)
+        except Exception as e:  # no working Triton here: the eager path gives the same bits
+            _disable_kernel(e)
             return None
 
     def _round_chunk(
@@ -418,66 +419,9 @@ class Minifloat:
         return int(self.values().numel())
 
 
-def _consts(fmt: Minifloat, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The numbers the compiled kernel needs, as 0-dim tensors of the right dtype: as Python ints,
-    torch.compile(dynamic=True) would pass them as 64-bit symbols and break the 32-bit bit tricks;
-    as tensors one compiled graph serves every format."""
-    s = 23 - fmt.mbits
-
-    def f32(v: float) -> torch.Tensor:
-        return torch.tensor(v, dtype=torch.float32, device=device)
-
-    def i32(v: int) -> torch.Tensor:
-        return torch.tensor(v, dtype=torch.int32, device=device)
-
-    return (
-        f32(fmt.max),
-        f32(fmt.min_normal),
-        f32(2.0 ** (fmt.emin - fmt.mbits + 23)),
-        f32(math.inf if fmt.convention == "ieee" else math.nan),
-        i32(s),
-        i32((1 << (s - 1)) - 1 if s else 0),
-        i32(~((1 << s) - 1)),
-        i32(int(fmt._flip_parity)),
-    )
-
-
-def _round_functional(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    consts: tuple[torch.Tensor, ...],
-    saturate: bool,
-    scaled: bool,
-    subnormals: bool,
-    signed: bool,
-) -> torch.Tensor:
-    """The same rounding as `Minifloat._round_chunk`, written without in-place ops so that
-    torch.compile fuses it into one GPU kernel (one read, one write: the cost of a plain cast)."""
-    vmax, min_normal, magic, overflow, shift, half, mask, flip = consts
-    a = (x / scale).abs() if scaled else x.abs()
-    if saturate:
-        a = torch.minimum(a, vmax)  # NaN stays NaN
-    b = a.view(torch.int32)
-    lsb = ((b >> shift) & 1) ^ flip
-    normal = ((b + lsb + half) & mask).view(torch.float32)
-    if subnormals:
-        r = torch.where(a >= min_normal, normal, (a + magic) - magic)
-    else:
-        r = torch.where(a >= min_normal, normal, torch.where(torch.isnan(a), a, min_normal))
-    if not saturate:
-        r = torch.where(r > vmax, overflow, r)
-    if signed:
-        r = r.copysign(x)
-    return r * scale if scaled else r
-
-
-# torch.compile on CUDA (Triton): the eager chunked path launches about ten kernels per call on a
-# GPU; fused, a quantize-dequantize runs at the speed of a cast. Set LOWBIT_NO_COMPILE=1 to disable.
-_USE_COMPILE = os.environ.get("LOWBIT_NO_COMPILE", "") in ("", "0")
-_KERNEL: Any = None
-_CONSTS: dict[tuple[Minifloat, str], tuple[torch.Tensor, ...]] = {}
-
-
+# One Triton kernel on CUDA (lowbit.kernels.triton_round): the eager chunked path launches about
+# ten kernels per call on a GPU. Set LOWBIT_NO_TRITON=1 to use the eager path there.
+_USE_KERNEL = os.environ.get("LOWBIT_NO_TRITON", "") in ("", "0")
 _ONES: dict[str, torch.Tensor] = {}
 
 
@@ -491,23 +435,13 @@ def _device_scalar(v: float, device: torch.device) -> torch.Tensor:
     return _ONES[key]
 
 
-def _disable_compile(err: Exception) -> None:
-    global _USE_COMPILE
-    _USE_COMPILE = False
+def _disable_kernel(err: Exception) -> None:
+    global _USE_KERNEL
+    _USE_KERNEL = False
     logging.getLogger("lowbit").warning(
-        "torch.compile of the format simulator failed (%s); using the eager path (same results, slower on GPU)",
-        str(err).splitlines()[0][:200],
+        "the Triton kernel of the format simulator failed (%s); using the eager path (same results, slower)",
+        str(err).splitlines()[0][:200] if str(err) else type(err).__name__,
     )
-
-
-def _compiled_round(fmt: Minifloat, x: torch.Tensor, scale: torch.Tensor, saturate: bool, scaled: bool) -> torch.Tensor:
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = torch.compile(_round_functional, dynamic=True, fullgraph=True)
-    key = (fmt, str(x.device))
-    if key not in _CONSTS:
-        _CONSTS[key] = _consts(fmt, x.device)
-    return _KERNEL(x, scale, _CONSTS[key], saturate, scaled, fmt.subnormals, fmt.signed)
 
 
 def _refuse_negative(fmt: Minifloat, x: torch.Tensor) -> None:
