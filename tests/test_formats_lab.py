@@ -192,3 +192,32 @@ def test_block_integer_nf4_gpu_equal_cpu() -> None:
     z = torch.zeros((), dtype=torch.int32)
     assert torch.equal(fake_quantize(x.cuda(), s.cuda(), z.cuda(), INT8).cpu(), fake_quantize(x, s, z, INT8))
     assert torch.equal(fake_quantize_nf4(x.cuda()).cpu(), fake_quantize_nf4(x))
+
+
+def test_written_names_keep_convention_and_bias() -> None:
+    # without a suffix, widths with a named format keep its convention; the bias shows in the name
+    f = get_format("e4m3_b8")
+    assert isinstance(f, Minifloat) and (f.convention, f.exponent_bias, f.max, f.name) == ("fn", 8, 224.0, "e4m3fn_b8")
+    h = get_format("e4m3_b7")
+    assert isinstance(h, Minifloat) and (h.convention, h.exponent_bias, h.max) == ("fn", 7, 448.0)
+    g = get_format("e3m3fn_b-2")
+    assert isinstance(g, Minifloat) and g.exponent_bias == -2 and g.name == "e3m3fn_b-2"
+
+
+def test_bad_tensor_scales_are_refused() -> None:
+    from lowbit.formats.integer import INT8, fake_quantize
+
+    x = torch.tensor([[1.0, -2.0]])
+    for bad in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="positive and finite"):
+            E4M3FN.quantize_dequantize(x, torch.tensor([[bad], [1.0]])[:1])
+        with pytest.raises(ValueError, match="positive and finite"):
+            fake_quantize(x, torch.tensor([[bad]]), torch.zeros((), dtype=torch.int32), INT8)
+
+
+def test_unwritable_output_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli(capsys, "formats", "plot", "e4m3", "--output", str(blocker / "grid.png"))
+    assert code == 2
+    one_line_error(err, str(blocker))

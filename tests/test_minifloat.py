@@ -285,12 +285,17 @@ def test_impossible_formats_are_refused(kwargs: dict, msg: str) -> None:
 def test_gpu_matches_cpu() -> None:
     # the GPU runs one Triton kernel (lowbit.kernels.triton_round): bit for bit the CPU's result
     x = random_float32(1 << 20, seed=5)
-    for fmt in (E4M3FN, E5M2, E3M4, E2M1, BF16, E8M0):
+    for fmt in (E4M3FN, E5M2, E3M4, E2M1, BF16, E8M0, Minifloat(8, 23)):
         xs = x.abs() if not fmt.signed else x
         for sat in (True, False):
             assert same(fmt.round(xs.cuda(), saturate=sat).cpu(), fmt.round(xs, saturate=sat)), (fmt, sat)
-    y = torch.randn(512, 1000) * torch.rand(512, 1) * 100
+    g = torch.Generator().manual_seed(6)
+    y = torch.randn(2048, 2048, generator=g) * torch.rand(2048, 1, generator=g) * 100
     rows = y.abs().amax(dim=1, keepdim=True) / 448
-    for fmt in (E4M3FN, E3M4, E2M1):
-        assert same(fmt.quantize_dequantize(y.cuda(), 0.37).cpu(), fmt.quantize_dequantize(y, 0.37))
+    for fmt in (E4M3FN, E3M4, E2M1, Minifloat(8, 23), Minifloat(6, 23)):
+        for s in (0.37, 3.3, 1 / 448, 0.1234567):  # scales whose division is inexact: needs div.rn
+            assert same(fmt.quantize_dequantize(y.cuda(), s).cpu(), fmt.quantize_dequantize(y, s)), (fmt, s)
         assert same(fmt.quantize_dequantize(y.cuda(), rows.cuda()).cpu(), fmt.quantize_dequantize(y, rows))
+    bad = torch.tensor([[1.0], [-1.0], [0.0], [float("nan")]], device="cuda")
+    r = E4M3FN.quantize_dequantize(torch.ones(4, 3, device="cuda"), bad).cpu()
+    assert torch.equal(r[0], torch.ones(3)) and bool(torch.isnan(r[1:]).all())  # NaN, never a wrong number

@@ -197,8 +197,9 @@ def cmd_formats(args: argparse.Namespace) -> int:
         heads = ["name", "kind", "bits", "E", "M", "bias", "inf/NaN", "max", "min normal", "min subnormal",
                  "finite values", "rel. step", "bits/value"]
         print(render([["-" if r[c] is None else r[c] for c in cols] for r in rows], heads))
-        print("\nrel. step: grid spacing relative to a binade's start (2^-M), for integers 1/qmax; bits/value counts"
-              " block scales. `lowbit formats explain NAME` derives any of these numbers.")
+        print("\nrel. step: grid spacing relative to a binade's start (2^-M), for integers 1/qmax, for nf4 the widest gap."
+              "\nBlock formats (mx*, nvfp4) show their element grid, before the block scale; nf4 its levels in [-1, 1];"
+              "\nbits/value counts the block scales. `lowbit formats explain NAME` derives any of these numbers.")
         if getattr(args, "json", None):
             from lowbit.checkpoint.io import write_json
 
@@ -269,6 +270,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"lowbit: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # an output path that cannot be written, a file where a directory should be
+        if args.debug:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"lowbit: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lowbit: interrupted; no partial output was left in place", file=sys.stderr)
         return 130

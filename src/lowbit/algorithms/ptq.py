@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.errors import LowbitError
 from lowbit.eval.metrics import model_device
 from lowbit.nn import QuantLinear
 from lowbit.observers import Observer, make_observer
@@ -44,6 +45,9 @@ def quantize_weights(model: nn.Module, scheme: Scheme, targets: list[str], scale
     for name in targets:
         linear = model.get_submodule(name)
         assert isinstance(linear, nn.Linear), f"{name} is {type(linear).__name__}, not Linear"
+        bad = int((~torch.isfinite(linear.weight)).sum())
+        if bad:
+            raise LowbitError(f"NaN or Inf in the weight of {name} ({bad} values): the model itself is broken")
         q = QuantLinear.from_linear(linear, scheme.weights, scheme.input_activations, scale_dtype)
         set_submodule(model, name, q)
 

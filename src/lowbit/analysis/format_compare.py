@@ -241,7 +241,7 @@ def kurtosis_by_winner(layers: list[dict[str, Any]]) -> dict[str, dict[str, dict
 
 
 def by_kind(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per projection kind (q_proj, ..., down_proj): mean statistics and SQNR, and the winners' counts."""
+    """Per projection kind (q_proj, ..., down_proj): median statistics and SQNR over depth, and the winners' counts."""
     kinds: dict[str, list[dict[str, Any]]] = {}
     for layer in layers:
         kinds.setdefault(layer["kind"], []).append(layer)
@@ -252,7 +252,9 @@ def by_kind(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[which] = {
                 "median_excess_kurtosis": float(torch.tensor([g[which]["excess_kurtosis"] for g in group]).median()),
                 "median_max_over_std": float(torch.tensor([g[which]["max_over_std"] for g in group]).median()),
-                "sqnr_db": {c: sum(g[which]["sqnr_db"][c] for g in group) / len(group) for c in CANDIDATES},
+                "sqnr_db": {
+                    c: float(torch.tensor([g[which]["sqnr_db"][c] for g in group]).median()) for c in CANDIDATES
+                },
                 "winners": _count(g["recommend"][which] for g in group),
             }
         rows.append(row)

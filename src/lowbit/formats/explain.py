@@ -53,8 +53,11 @@ def explain_minifloat(fmt: Minifloat) -> str:
         + f"  (bit pattern written {_pattern(fmt, 0, 0).replace('0', 'x')})"
     )
     conv = {
-        "ieee": f"IEEE: the all-ones exponent field ({top}) holds infinities (mantissa 0) and NaN (any other mantissa)",
-        "fn": f"FN: no infinities; only the all-ones pattern {_pattern(fmt, top, 2**m - 1)} is NaN",
+        "ieee": f"IEEE: the all-ones exponent field ({top}) holds infinities (mantissa 0) and NaN (any other mantissa)"
+        if m
+        else f"IEEE: the all-ones exponent field ({top}) holds the infinities (no mantissa bits: no NaN)",
+        "fn": f"FN: no infinities; only the all-ones pattern {_pattern(fmt, top, 2**m - 1)}"
+        + (" (with either sign) is NaN" if fmt.signed else " is NaN"),
         "fnuz": "FNUZ: no infinities, no negative zero; the pattern of -0 is the one NaN",
         "finite": "no infinities and no NaN: every pattern is a number",
     }[fmt.convention]
@@ -75,8 +78,10 @@ def explain_minifloat(fmt: Minifloat) -> str:
         )
         lines.append(f"  subnormal  E = 0: value = (-1)^S x 0.M (binary) x 2^(1 - {b}) (zero when M = 0)")
     else:
+        last = fmt.top_field - 1 if fmt.convention == "fn" and m == 0 else fmt.top_field
+        nan_note = f" ({fmt.top_field} is NaN)" if last != fmt.top_field else ""
         lines.append(
-            f"  value      1.M (binary) x 2^(E - {b}) for every exponent field E = 0 .. {fmt.top_field}; no zero, no subnormals"
+            f"  value      1.M (binary) x 2^(E - {b}) for every exponent field E = 0 .. {last}{nan_note}; no zero, no subnormals"
         )
 
     # --- the largest value, step by step ---

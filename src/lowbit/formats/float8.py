@@ -32,7 +32,8 @@ def expand_scale(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-group scale (..., G) over x (..., G*g); other scales are returned as they are."""
     if scale.dim() == x.dim() and scale.shape[-1] not in (1, x.shape[-1]):
         groups = scale.shape[-1]
-        assert x.shape[-1] % groups == 0, f"{x.shape[-1]} values do not split into {groups} groups"
+        if x.shape[-1] % groups:
+            raise ValueError(f"{x.shape[-1]} values do not split into {groups} groups")
         return scale.repeat_interleave(x.shape[-1] // groups, dim=-1)
     return scale
 
@@ -75,7 +76,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat = E4M3)
     s = scale.float()
     if s.dim() == x.dim() and s.dim() > 0 and s.shape[-1] not in (1, x.shape[-1]):  # (..., G) group scales
         groups = s.shape[-1]
-        assert x.shape[-1] % groups == 0, f"{x.shape[-1]} values do not split into {groups} groups"
+        if x.shape[-1] % groups:
+            raise ValueError(f"{x.shape[-1]} values do not split into {groups} groups")
         y = fmt.quantize_dequantize(x.unflatten(-1, (groups, x.shape[-1] // groups)), s.unsqueeze(-1))
         return y.flatten(-2)
     return fmt.quantize_dequantize(x, s)

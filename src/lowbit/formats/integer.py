@@ -182,6 +182,8 @@ def fake_quantize(
         zg = zp.unsqueeze(-1) if zp.dim() == s.dim() else zp
         y = fake_quantize(x.unflatten(-1, (groups, x.shape[-1] // groups)), s.unsqueeze(-1), zg, fmt)
         return y.flatten(-2)
+    if not bool(((s > 0) & torch.isfinite(s)).all()):
+        raise ValueError("scales must be positive and finite (a zero, negative or NaN scale would be a wrong answer)")
     xf = x.float().contiguous()
     if xf.dim() == 0 or not _rowwise(s, xf) or not _rowwise(zp, xf):
         return dequantize(quantize(x, scale, zero_point, fmt), scale, zero_point, x.dtype)

@@ -87,8 +87,10 @@ class Minifloat:
             bias = 2 ** (self.ebits - 1) - (0 if self.convention == "fnuz" else 1)
         object.__setattr__(self, "_bias", bias)
         if not self.name:
-            suffix = {"ieee": "", "fn": "fn", "fnuz": "fnuz", "finite": ""}[self.convention]
-            object.__setattr__(self, "name", f"e{self.ebits}m{self.mbits}{suffix}")
+            suffix = {"ieee": "", "fn": "fn", "fnuz": "fnuz", "finite": "finite"}[self.convention]
+            default = 2 ** (self.ebits - 1) - (0 if self.convention == "fnuz" else 1)
+            tail = "" if bias == default else f"_b{bias}"
+            object.__setattr__(self, "name", f"e{self.ebits}m{self.mbits}{suffix}{tail}")
         if self.bits < 2:
             raise ValueError(f"{self.name}: a format needs at least 2 bits")
         if self.ieee_top_reserved and self.ebits == 1:
@@ -222,9 +224,12 @@ class Minifloat:
         if isinstance(scale, float | int):
             scale = float(scale)
             if not (math.isfinite(scale) and scale > 0):
-                raise ValueError(f"scale must be a positive finite number, got {scale}")
+                raise ValueError(f"scales must be positive and finite, got {scale}")
         if isinstance(scale, torch.Tensor):
             sf = scale.float()
+            # on CUDA the kernel turns a bad scale into NaN instead (no host round trip per call)
+            if not (on_gpu and sf.is_cuda) and not bool(((sf > 0) & torch.isfinite(sf)).all()):
+                raise ValueError("scales must be positive and finite (a zero, negative or NaN scale would be a wrong answer)")
             rowwise = xf.dim() >= 1 and sf.dim() <= xf.dim() and sf.shape[-1:] in ((1,), torch.Size([]))
             if not rowwise:  # e.g. one scale per column: divide and multiply outside the fast path
                 return self.round(xf / sf, saturate=saturate).mul_(sf)

@@ -2,7 +2,8 @@
 
 Names are case-insensitive. Besides the named formats (and their aliases) any minifloat can be
 written `eXmY` with an optional convention suffix and bias: `e3m3` (IEEE convention),
-`e3m3fn`, `e4m3fnuz`, `e3m2finite`, `e5m2_b13` (bias 13). Written names are limited to 16 bits
+`e3m3fn`, `e4m3fnuz`, `e3m2finite`, `e5m2_b13` (bias 13), `e4m3_b8` (E4M3FN's convention: without
+a suffix, widths that have a named format take its convention; others are IEEE). Written names are limited to 16 bits
 (wider floats exist only as the named bf16 / fp16 / tf32); the Python class `Minifloat` takes any
 E1..E8 x M0..M23 that float32 holds.
 """
@@ -73,7 +74,9 @@ def named_formats() -> dict[str, Format]:
 
 def get_format(name: str) -> Format:
     """The format called `name` (a named format, an alias, or eXmY[fn|fnuz|finite][_bBIAS])."""
-    key = name.strip().lower().replace("-", "_")
+    key = name.strip().lower()
+    if not _EXMY.match(key):  # "fp8-e4m3" -> "fp8_e4m3"; a negative bias ("_b-2") keeps its minus
+        key = key.replace("-", "_")
     key = ALIASES.get(key, key)
     named = named_formats()
     if key in named:
@@ -90,7 +93,10 @@ def get_format(name: str) -> Format:
                 f"{name}: {1 + e + mb} bits; formats named eXmY have at most {MAX_WRITTEN_BITS} bits "
                 "(1 sign + X + Y); wider floats: bf16, fp16, tf32"
             )
-        conv = m.group(3) or "ieee"
+        # no suffix: the convention of the named format of these widths (e4m3 -> FN, e2m1 -> finite),
+        # so "e4m3_b8" is E4M3FN with bias 8; widths without a named format default to IEEE
+        same_widths = [f for f in MINIFLOATS.values() if (f.ebits, f.mbits, f.signed) == (e, mb, True)]
+        conv = m.group(3) or (same_widths[0].convention if same_widths else "ieee")
         bias = int(m.group(4)) if m.group(4) is not None else None
         return Minifloat(e, mb, bias=bias, convention=conv)  # type: ignore[arg-type]
     m = re.match(r"^(u?)int(\d+)$", key)
@@ -111,7 +117,9 @@ def describe(fmt: Format) -> dict[str, Any]:
             "ebits": fmt.ebits,
             "mbits": fmt.mbits,
             "bias": fmt.exponent_bias,
-            "specials": {"ieee": "inf, NaN", "fn": "NaN", "fnuz": "NaN (-0)", "finite": "-"}[fmt.convention],
+            "specials": {"ieee": "inf, NaN" if fmt.has_nan else "inf", "fn": "NaN", "fnuz": "NaN (-0)", "finite": "-"}[
+                fmt.convention
+            ],
             "max": fmt.max,
             "min_normal": fmt.min_normal,
             "min_subnormal": fmt.min_subnormal if fmt.subnormals and fmt.mbits else None,

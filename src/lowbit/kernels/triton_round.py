@@ -3,7 +3,9 @@ grid, multiply back, in one read and one write (the eager path needs about ten k
 
 It is the same arithmetic as `Minifloat._round_chunk` (integer round-to-nearest-even on the
 float32 bits for normals, add/subtract of a power of two for subnormals, IEEE division and
-multiplication), so its results equal the CPU's bit for bit (tested on the GPU).
+multiplication), so its results equal the CPU's bit for bit (tested on the GPU). Divisions use div_rn: Triton's
+`/` on float32 is approximate. A scale that is not positive and finite makes NaN (the CPU path
+raises instead; raising here would cost a host round trip per call).
 Imported only when a CUDA tensor is rounded; without Triton the eager path runs instead.
 """
 
@@ -38,6 +40,7 @@ def _round_kernel(
     half,
     keep,
     flip,
+    ROUND: tl.constexpr,  # False for 23 mantissa bits: float32 itself, nothing to round
     SCALE_MODE: tl.constexpr,  # 0: none, 1: one scale, 2: one per row of row_len elements
     SATURATE: tl.constexpr,
     SUBNORMALS: tl.constexpr,
@@ -49,17 +52,20 @@ def _round_kernel(
     x = tl.load(x_ptr + offs, mask=inside, other=0.0)
     if SCALE_MODE == 1:
         s = tl.load(s_ptr)
-        a = tl.abs(x / s)
+        a = tl.abs(tl.math.div_rn(x, s))  # correctly rounded: Triton's `/` is approximate
     elif SCALE_MODE == 2:
         s = tl.load(s_ptr + offs // row_len, mask=inside, other=1.0)
-        a = tl.abs(x / s)
+        a = tl.abs(tl.math.div_rn(x, s))
     else:
         a = tl.abs(x)
     if SATURATE:
         a = tl.where(a > vmax, vmax, a)  # NaN > vmax is false: NaN stays NaN
-    b = a.to(tl.int32, bitcast=True)
-    lsb = ((b >> shift) & 1) ^ flip
-    normal = ((b + lsb + half) & keep).to(tl.float32, bitcast=True)
+    if ROUND:
+        b = a.to(tl.int32, bitcast=True)
+        lsb = ((b >> shift) & 1) ^ flip
+        normal = ((b + lsb + half) & keep).to(tl.float32, bitcast=True)
+    else:
+        normal = a
     if SUBNORMALS:
         r = tl.where(a >= min_normal, normal, (a + magic) - magic)
     else:
@@ -70,7 +76,9 @@ def _round_kernel(
         sign = x.to(tl.int32, bitcast=True) & -2147483648
         r = (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     if SCALE_MODE != 0:
-        r = r * s
+        # a zero, negative, inf or NaN scale gives NaN: visible, never a silently wrong number
+        # (the CPU path raises; checking here avoids a host round trip per call)
+        r = tl.where((s > 0) & (s < float("inf")), r * s, float("nan"))
     tl.store(out_ptr + offs, r, mask=inside)
 
 
@@ -111,6 +119,7 @@ def round_cuda(fmt: Minifloat, x: torch.Tensor, scale: torch.Tensor | None, satu
         n,
         row_len,
         *_format_args(fmt),
+        ROUND=fmt.mbits < 23,
         SCALE_MODE=mode,
         SATURATE=saturate,
         SUBNORMALS=fmt.subnormals,
