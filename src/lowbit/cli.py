@@ -63,6 +63,30 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     q.add_argument("--batch-size", type=_positive, default=1, help="calibration batch size (results do not depend on it)")
+    q.add_argument("--keep-fraction", type=float, default=None, metavar="F",
+                   help="mixed precision: keep at most this fraction of Linear weights in BF16, chosen by measured KL")
+    q.add_argument("--budget-kl", type=float, default=None, metavar="X",
+                   help="mixed precision: keep the fewest weights in BF16 for a predicted KL of at most X")
+    q.add_argument("--plan-windows", type=_positive, default=2,
+                   help="calibration samples on which the KL of each layer is measured for the plan")
+
+    i = sub.add_parser("inspect", parents=[common], help="per-layer error, KL attribution, calibration coverage -> report")
+    i.add_argument("model", nargs="?", default=None, help="built-in name, model directory or hub id (default smollm2-135m)")
+    i.add_argument("--scheme", default="fp8", help="fp8 | fp8-dynamic")
+    i.add_argument("--calib", default="builtin", help="builtin | PATH | hf:NAME (as for quantize)")
+    i.add_argument("--num-samples", type=_positive, default=64)
+    i.add_argument("--max-length", type=_positive, default=512)
+    i.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None)
+    i.add_argument("--data", default=None, help="the use data (text file, builtin or hf:wikitext): coverage and KL windows")
+    i.add_argument("--windows", type=_positive, default=16, help="windows of the use data for the coverage check")
+    i.add_argument("--attribution-windows", type=_positive, default=2,
+                   help="windows for the per-layer KL (one forward per layer each); 0 layers skipped with --no-attribution")
+    i.add_argument("--no-attribution", action="store_true", help="skip the per-layer KL (the slow part)")
+    i.add_argument("--seq-len", type=_positive, default=512)
+    i.add_argument("--ignore", action="append", default=[], metavar="PATTERN")
+    i.add_argument("--output", "-o", type=Path, required=True)
+    i.add_argument("--overwrite", action="store_true")
+    i.add_argument("--device", default=None)
 
     e = sub.add_parser("eval", parents=[common], help="base vs quantized: perplexity, KL, top-1, size, latency")
     e.add_argument("quantized", type=Path, help="quantized checkpoint directory")
@@ -131,6 +155,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         args.model, output=args.output, scheme=args.scheme, calib=calib, ignore=args.ignore, observer=args.observer,
         weight_strategy=args.weight_strategy, weight_observer=args.weight_observer, layout=args.layout, overwrite=args.overwrite,
         device=_device(args.device), batch_size=args.batch_size, progress=not args.quiet,
+        keep_fraction=args.keep_fraction, budget_kl=args.budget_kl, plan_windows=args.plan_windows,
     )
     p = res.provenance
     rows: list[list[Any]] = [
@@ -147,6 +172,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         ]
     else:
         rows.append(["activations", "E4M3 dynamic per token (no calibration)"])
+    if p.get("mixed_precision"):
+        mp = p["mixed_precision"]
+        rows.append(["mixed precision", f"{len(mp['keep'])} layers kept in BF16 ({100 * mp['kept_fraction']:.2f}% of Linear "
+                     f"weights); predicted KL {mp['predicted_kl']:.4f} vs {mp['kl_all_quantized']:.4f} all quantized"])
     rows += [
         ["quantized", f"{p['quantized_modules']} Linear layers; kept high precision: {', '.join(p['ignored']) or '-'}"],
         ["time", ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items())],
@@ -172,6 +201,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tmp = args.json.with_name(args.json.name + ".tmp")
         write_json(tmp, result)
         os.replace(tmp, args.json)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from lowbit.analysis.inspect import inspect_model
+    from lowbit.analysis.inspect_report import summary_text, write_inspect_report
+    from lowbit.calibration.data import CalibConfig, load_calibration, read_text_source, token_windows
+    from lowbit.checkpoint.io import check_output
+    from lowbit.models import load_model
+    from lowbit.scheme import get_scheme
+
+    check_output(args.output, args.overwrite)
+    scheme = get_scheme(args.scheme)
+    model, tok, src = load_model(args.model, device=_device(args.device))
+    calib = load_calibration(
+        CalibConfig(source=args.calib, num_samples=args.num_samples, max_length=args.max_length,
+                    min_length=min(16, args.max_length), pack=args.pack),
+        tok,
+    )
+    use = None
+    if args.data is not None:
+        text, _ = read_text_source(args.data)
+        use = token_windows(text, tok, args.seq_len, args.windows + (0 if args.no_attribution else args.attribution_windows))
+    if args.no_attribution:
+        attr_windows, attr_src = None, ""
+    elif use is not None:  # the last windows of the use data: not the ones of the coverage check
+        attr_windows, use = use[args.windows:], use[: args.windows]
+        attr_src = f"{args.data}, windows {args.windows}..{args.windows + args.attribution_windows - 1}"
+    else:
+        length = min(len(s) for s in calib.samples[: args.attribution_windows])
+        attr_windows = torch.stack([s[:length] for s in calib.samples[: args.attribution_windows]])
+        attr_src = f"the first {args.attribution_windows} calibration samples"
+    result = inspect_model(
+        model, scheme, calib.samples, attribution_windows=attr_windows, use_windows=use, ignore=args.ignore,
+        progress=not args.quiet,
+        meta={"model": str(src), "calibration": f"{len(calib.samples)} samples, {calib.num_tokens} tokens from {calib.source}",
+              "data": None if args.data is None else f"{args.data}, {args.windows} x {args.seq_len} tokens",
+              "attribution": attr_src},
+    )
+    write_inspect_report(result, args.output, overwrite=args.overwrite)
+    print(summary_text(result))
+    print(f"\nreport: {args.output / 'report.html'} (and report.md, report.json)")
     return 0
 
 
@@ -253,7 +326,8 @@ def _formats_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"doctor": cmd_doctor, "quantize": cmd_quantize, "eval": cmd_eval, "formats": cmd_formats}
+COMMANDS = {"doctor": cmd_doctor, "quantize": cmd_quantize, "eval": cmd_eval, "formats": cmd_formats,
+            "inspect": cmd_inspect}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
