@@ -49,7 +49,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "bench"))
     from accuracy import machine  # type: ignore[import-not-found]
 
-    from lowbit.analysis.inspect import LAYERS_FLAG, OUTSIDE_FLAG, inspect_model
+    from lowbit.analysis.inspect import EXCESS_FLAG, LAYERS_FLAG, inspect_model
     from lowbit.calibration.data import CalibConfig, load_calibration, read_text_source, token_windows
     from lowbit.models import load_model
     from lowbit.scheme import get_scheme
@@ -73,21 +73,24 @@ def main() -> None:
         res = inspect_model(model, get_scheme("fp8"), calib.samples, attribution_windows=None, use_windows=use, progress=False)
         cov = res["coverage"]
         ratios = sorted(layer["coverage"]["ratio"] for layer in res["layers"])
+        excess = sorted(layer["coverage"]["channel_excess_ratio"] for layer in res["layers"])
         row = {"calibration": label, "expected_represents": expected, **cov,
-               "median_absmax_ratio": ratios[len(ratios) // 2], "samples": len(calib.samples)}
+               "median_absmax_ratio": ratios[len(ratios) // 2], "samples": len(calib.samples),
+               "channel_excess_median": excess[len(excess) // 2], "channel_excess_p90": excess[int(0.9 * len(excess))],
+               "per_layer_channel_excess": {la["name"]: la["coverage"]["channel_excess_ratio"] for la in res["layers"]}}
         rows.append(row)
         print(row["calibration"], "->", cov["verdict"], flush=True)
     out = {"date": str(date.today()), "machine": machine(), "command": "python bench/coverage.py",
-           "use_data": f"wikitext-2 test, {args.windows} x 512 tokens", "thresholds": {"outside": OUTSIDE_FLAG, "layers": LAYERS_FLAG},
+           "use_data": f"wikitext-2 test, {args.windows} x 512 tokens", "thresholds": {"channel_excess": EXCESS_FLAG, "layers": LAYERS_FLAG},
            "rows": rows}
     (REPO / "bench" / "results" / "coverage.json").write_text(json.dumps(out, indent=2) + "\n")
-    print("\n| calibration set | layers flagged (of 210) | median outside | 90th pct outside | median use/calib absmax | verdict | expected |")
+    print("\n| calibration set | layers flagged (of 210) | median outside | 90th pct outside | channel excess median / p90 | verdict | expected |")
     print("|---|---:|---:|---:|---:|---|---|")
     for r in rows:
         v = "represents" if r["represents"] else "NOT representative"
         e = "represents" if r["expected_represents"] else "NOT representative"
         print(f"| {r['calibration']} | {r['layers_flagged']} | {r['median_outside']:.1e} | {r['p90_outside']:.1e} | "
-              f"{r['median_absmax_ratio']:.2f} | {v} | {e} |")
+              f"{r['channel_excess_median']:.1f} / {r['channel_excess_p90']:.1f} | {v} | {e} |")
 
 
 if __name__ == "__main__":

@@ -63,3 +63,16 @@ def test_inspect_bad_input(extra: list[str], needle: str, tmp_path: Path, tiny_m
                            "--output", str(tmp_path / "r"))
     assert code == 2 and not (tmp_path / "r").exists()
     one_line_error(err, needle)
+
+
+def test_verdict_uses_per_channel_excess() -> None:
+    from lowbit.analysis.inspect import EXCESS_FLAG, LAYERS_FLAG, verdict
+
+    def layers(ratios: list[float]) -> list[dict]:
+        return [{"name": f"l{i}", "coverage": {"channel_excess_ratio": r, "outside_fraction": 0.0}} for i, r in enumerate(ratios)]
+
+    ok = verdict(layers([1.0] * 8 + [EXCESS_FLAG * 2] * 2))  # 20% of layers flagged: within the quarter
+    assert ok["represents"] and ok["layers_flagged"] == 2 and ok["verdict"].startswith("OK")
+    bad = verdict(layers([1.0] * 7 + [EXCESS_FLAG * 2] * 3))  # 30% > LAYERS_FLAG
+    assert LAYERS_FLAG < 0.3 and not bad["represents"] and bad["verdict"].startswith("NOT REPRESENTATIVE")
+    assert bad["worst"][:3] == ["l7", "l8", "l9"] or set(bad["worst"][:3]) == {"l7", "l8", "l9"}

@@ -224,7 +224,9 @@ def coverage_details(result: dict[str, Any]) -> str:
     cov = result.get("coverage")
     if not isinstance(cov, dict):
         return "no use data"
-    parts = [f"median layer {_pct(cov.get('median_outside'))}% of its use-data inputs beyond the calibrated absmax",
+    parts = [f"per-channel excess over same-distribution text: median {_f(cov.get('median_excess'), '.1f')}x, "
+             f"90th percentile {_f(cov.get('p90_excess'), '.1f')}x",
+             f"median layer {_pct(cov.get('median_outside'))}% of its use-data inputs beyond the calibrated absmax",
              f"90th percentile {_pct(cov.get('p90_outside'))}%",
              f"{_f(cov.get('layers_flagged'), '.0f')} of {len(_layers(result))} layers flagged"]
     worst = [str(w) for w in cov.get("worst") or []]
