@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, cast
@@ -99,10 +99,23 @@ def _db(ref: float, noise: float) -> float:
     return 10 * math.log10(ref / noise) if ref > 0 else -math.inf
 
 
-def _run(model: nn.Module, samples: list[torch.Tensor] | torch.Tensor, desc: str, progress: bool) -> None:
+def _run_hooked(
+    model: nn.Module,
+    names: Iterable[str],
+    make_hook: Callable[[str], Callable[[nn.Module, tuple[torch.Tensor, ...]], None]],
+    samples: list[torch.Tensor] | torch.Tensor,
+    desc: str,
+    progress: bool,
+) -> None:
+    """Run the samples one at a time through `model` with `make_hook(name)` as a pre-hook on each named module."""
+    handles = [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
     device = next(model.parameters()).device
-    for s in tqdm(list(samples), desc=desc, unit="sample", disable=not progress):
-        model(input_ids=s[None].to(device), use_cache=False)
+    try:
+        for s in tqdm(list(samples), desc=desc, unit="sample", disable=not progress):
+            model(input_ids=s[None].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def verdict(layers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -182,12 +195,7 @@ def inspect_model(
 
         return fn
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(calib_hook(n)) for n in stats]
-    try:
-        _run(model, calib_samples, "layer statistics", progress)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, stats, calib_hook, calib_samples, "layer statistics", progress)
 
     if use_windows is not None:
         absmax = {n: max(abs(s.lo), abs(s.hi)) for n, s in stats.items()}
@@ -200,12 +208,7 @@ def inspect_model(
 
             return fn
 
-        handles = [model.get_submodule(n).register_forward_pre_hook(use_hook(n)) for n in stats]
-        try:
-            _run(model, use_windows, "use-data coverage", progress)
-        finally:
-            for h in handles:
-                h.remove()
+        _run_hooked(model, stats, use_hook, use_windows, "use-data coverage", progress)
 
     attr = attribute_kl(model, quantized, attribution_windows, progress=progress) if attribution_windows is not None else None
     layers = [_layer_record(n, model, qmods[n], stats[n], qw[n], attr.per_layer.get(n) if attr else None) for n in stats]

@@ -25,6 +25,7 @@ import torch
 
 from lowbit.formats.float8 import MIN_SCALE, expand_scale
 from lowbit.formats.granularity import Strategy
+from lowbit.formats.minifloat import check_scales
 
 
 @dataclass(frozen=True)
@@ -182,8 +183,7 @@ def fake_quantize(
         zg = zp.unsqueeze(-1) if zp.dim() == s.dim() else zp
         y = fake_quantize(x.unflatten(-1, (groups, x.shape[-1] // groups)), s.unsqueeze(-1), zg, fmt)
         return y.flatten(-2)
-    if not bool(((s > 0) & torch.isfinite(s)).all()):
-        raise ValueError("scales must be positive and finite (a zero, negative or NaN scale would be a wrong answer)")
+    check_scales(s)
     xf = x.float().contiguous()
     if xf.dim() == 0 or not _rowwise(s, xf) or not _rowwise(zp, xf):
         return dequantize(quantize(x, scale, zero_point, fmt), scale, zero_point, x.dtype)

@@ -228,14 +228,20 @@ class Minifloat:
         if isinstance(scale, torch.Tensor):
             sf = scale.float()
             # on CUDA the kernel turns a bad scale into NaN instead (no host round trip per call)
-            if not (on_gpu and sf.is_cuda) and not bool(((sf > 0) & torch.isfinite(sf)).all()):
-                raise ValueError("scales must be positive and finite (a zero, negative or NaN scale would be a wrong answer)")
+            if not (on_gpu and sf.is_cuda):
+                check_scales(sf)
             rowwise = xf.dim() >= 1 and sf.dim() <= xf.dim() and sf.shape[-1:] in ((1,), torch.Size([]))
             if not rowwise:  # e.g. one scale per column: divide and multiply outside the fast path
                 return self.round(xf / sf, saturate=saturate).mul_(sf)
             rows = sf.expand(*xf.shape[:-1], 1).reshape(-1, 1).to(xf.device)
         if on_gpu:
-            s_t = rows if isinstance(scale, torch.Tensor) else None if scale is None else _device_scalar(scale, xf.device)
+            s_t = (
+                rows
+                if isinstance(scale, torch.Tensor)
+                else None
+                if scale is None
+                else torch.tensor(scale, dtype=torch.float32, device=xf.device)
+            )
             y = self._round_gpu(xf, s_t, saturate)
             if y is not None:
                 return y
@@ -427,17 +433,6 @@ class Minifloat:
 # One Triton kernel on CUDA (lowbit.kernels.triton_round): the eager chunked path launches about
 # ten kernels per call on a GPU. Set LOWBIT_NO_TRITON=1 to use the eager path there.
 _USE_KERNEL = os.environ.get("LOWBIT_NO_TRITON", "") in ("", "0")
-_ONES: dict[str, torch.Tensor] = {}
-
-
-def _device_scalar(v: float, device: torch.device) -> torch.Tensor:
-    """A 0-dim float32 tensor on `device`; 1.0 is cached (no host-to-device copy per call)."""
-    if v != 1.0:
-        return torch.tensor(v, dtype=torch.float32, device=device)
-    key = str(device)
-    if key not in _ONES:
-        _ONES[key] = torch.ones((), dtype=torch.float32, device=device)
-    return _ONES[key]
 
 
 def _disable_kernel(err: Exception) -> None:
@@ -447,6 +442,14 @@ def _disable_kernel(err: Exception) -> None:
         "the Triton kernel of the format simulator failed (%s); using the eager path (same results, slower)",
         str(err).splitlines()[0][:200] if str(err) else type(err).__name__,
     )
+
+
+def check_scales(scale: torch.Tensor) -> None:
+    """Refuse zero, negative, inf or NaN scales: each would silently give wrong values."""
+    if not bool(((scale > 0) & torch.isfinite(scale)).all()):
+        raise ValueError(
+            "scales must be positive and finite (a zero, negative or NaN scale would be a wrong answer)"
+        )
 
 
 def _refuse_negative(fmt: Minifloat, x: torch.Tensor) -> None:
