@@ -91,6 +91,12 @@ def quantize(
     keep_fraction: float | None = None,
     budget_kl: float | None = None,
     plan_windows: int = 2,
+    candidates: list[str] | tuple[str, ...] = (),
+    group_size: int | None = None,
+    algorithm: str = "rtn",
+    gptq_damp: float = 0.01,
+    gptq_actorder: bool = False,
+    smoothquant_alpha: float = 0.5,
 ) -> QuantizeResult:
     """Quantize `model` (default: the built-in smollm2-135m) and write the checkpoint to `output`.
 
@@ -99,6 +105,15 @@ def quantize(
     in the model's precision, best KL per weight first, until at most `keep_fraction` of the Linear
     weights are kept, or until the predicted KL is at most `budget_kl` (lowbit.algorithms.mixed).
     Kept layers go to the checkpoint's ignore list; the plan is in the provenance file.
+    Layers fused by serving engines (q/k/v, gate/up) are measured and chosen together.
+
+    algorithm: "rtn" (round to nearest; static scales observed on the whole model) or one run layer by
+    layer (`lowbit.algorithms.sequential`): "gptq", "smoothquant", "smoothquant+gptq", "awq",
+    "awq+gptq". A mixed-precision plan is measured on round-to-nearest copies either way.
+
+    candidates: more schemes (names) a mixed-precision plan may choose per layer besides `scheme`,
+    e.g. ["w8a8-int8"]: all store 8-bit weights, so each layer takes the one of least measured KL
+    at no cost in memory; the checkpoint then holds one config group per scheme.
     """
     from lowbit.algorithms.mixed import check_budget
 
@@ -108,7 +123,21 @@ def quantize(
     output = Path(output)
     if layout == "autofp8" and weight_strategy is None:
         weight_strategy = "tensor"  # the only weight granularity that layout can hold
-    recipe = get_scheme(scheme, weight_strategy=weight_strategy, observer=observer, weight_observer=weight_observer)
+    recipe = get_scheme(
+        scheme, weight_strategy=weight_strategy, observer=observer, weight_observer=weight_observer, group_size=group_size
+    )
+    from lowbit.algorithms.sequential import SequentialOptions
+
+    seq = SequentialOptions(algorithm, damp=gptq_damp, actorder=gptq_actorder, alpha=smoothquant_alpha, device=device)
+    cands = [recipe, *(get_scheme(c) for c in candidates or () if c != recipe.name)]
+    if candidates and not (keep_fraction is not None or budget_kl is not None):
+        raise LowbitError("--candidates chooses a scheme per layer within a mixed-precision plan: add --keep-fraction or --budget-kl")
+    odd = [c.name for c in cands if c.weights.num_bits != recipe.weights.num_bits]
+    if odd:
+        raise LowbitError(f"candidate {odd[0]} stores {get_scheme(odd[0]).weights.num_bits}-bit weights, {recipe.name} "
+                          f"{recipe.weights.num_bits}-bit: candidates must cost the same memory")
+    if layout != "compressed-tensors" and len(cands) > 1:
+        raise LowbitError(f"the {layout} layout holds one scheme: per-layer schemes need compressed-tensors")
     check_output(output, overwrite)  # fail before the slow part, not after it
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -117,19 +146,33 @@ def quantize(
     calib_summary = None
     samples = None
     mixed = keep_fraction is not None or budget_kl is not None
-    if recipe.static_inputs or mixed:
+    if recipe.static_inputs or mixed or algorithm != "rtn":
         t0 = time.perf_counter()
         data = load_calibration(calib or CalibConfig(), tokenizer)
         samples, calib_summary = data.samples, data.summary()
         seconds["calibration_data"] = time.perf_counter() - t0
     plan_record = None
+    overrides: dict[str, Scheme] = {}
     if mixed:
         assert samples is not None
         t0 = time.perf_counter()
-        plan_record = _mixed_plan(net, recipe, samples, ignore, keep_fraction, budget_kl, plan_windows, batch_size, progress)
-        ignore = [*ignore, *plan_record["keep"]]
+        chosen, plan_record = _mixed_plan(
+            net, recipe, cands, samples, ignore, keep_fraction, budget_kl, plan_windows, batch_size, progress
+        )
+        ignore = [*ignore, *chosen.keep]
+        by_name = {c.name: c for c in cands}
+        overrides = {n: by_name[s] for s, names in chosen.layers_by_scheme().items() if s != recipe.name for n in names}
         seconds["mixed_precision_plan"] = time.perf_counter() - t0
-    report = quantize_model(net, recipe, samples, ignore=ignore, batch_size=batch_size, progress=progress)
+    report: PTQReport
+    if algorithm == "rtn":
+        report = quantize_model(
+            net, recipe, samples, ignore=ignore, batch_size=batch_size, progress=progress, overrides=overrides
+        )
+    else:
+        from lowbit.algorithms.sequential import quantize_sequential
+
+        assert samples is not None
+        report = quantize_sequential(net, recipe, samples, seq, ignore=ignore, overrides=overrides, progress=progress)
     seconds.update(report.seconds)
     provenance = build_provenance(
         model=str(model or "smollm2-135m"), source=source, recipe=recipe, layout=layout, calib=calib_summary,
@@ -137,6 +180,11 @@ def quantize(
     )
     if plan_record is not None:
         provenance["mixed_precision"] = plan_record
+    if algorithm != "rtn":
+        provenance["algorithm"] = algorithm
+        provenance["algorithm_options"] = {"gptq_damp": gptq_damp, "gptq_actorder": gptq_actorder,
+                                           "smoothquant_alpha": smoothquant_alpha, "layer_by_layer": True}
+        provenance["algorithm_report"] = report.to_dict()
     t0 = time.perf_counter()
     save_checkpoint(
         net, tokenizer, output, scheme=recipe, ignore=report.ignored, layout=layout,
@@ -150,7 +198,8 @@ def quantize(
 
 def _mixed_plan(
     net: Any,
-    recipe: Any,
+    recipe: Scheme,
+    candidates: list[Scheme],
     samples: list[Any],
     ignore: Any,
     keep_fraction: float | None,
@@ -158,25 +207,39 @@ def _mixed_plan(
     plan_windows: int,
     batch_size: int,
     progress: bool,
-) -> dict[str, Any]:
-    """Quantize a copy, attribute KL per layer on calibration windows, and choose the layers to keep."""
+) -> tuple[Any, dict[str, Any]]:
+    """Per candidate scheme, quantize a copy and attribute KL per fusion unit on calibration windows;
+    choose per unit (keep, or the best candidate). Returns the plan and its record."""
     import copy
 
-    from lowbit.algorithms.mixed import plan
+    from lowbit.algorithms.mixed import plan, unit_name
     from lowbit.analysis.attribution import attribute_kl
+    from lowbit.targets import fusion_units
 
-    full = copy.deepcopy(net)
-    rep = quantize_model(full, recipe, samples, ignore=ignore, batch_size=batch_size, progress=progress)
     length = min(len(s) for s in samples[:plan_windows])
     windows = torch.stack([s[:length] for s in samples[:plan_windows]])
-    attr = attribute_kl(net, full, windows, progress=progress)
-    params = {n: full.get_submodule(n).weight.numel() for n in rep.targets}
-    chosen = plan(attr.per_layer, params, attr.kl_all, keep_fraction=keep_fraction, budget_kl=budget_kl)
-    del full
-    return {
+    kl: dict[str, Any] = {}
+    kl_all: dict[str, float] = {}
+    units: list[Any] = []
+    params: dict[Any, int] = {}
+    for cand in [recipe, *(c for c in candidates if c.name != recipe.name)]:
+        full = copy.deepcopy(net)
+        rep = quantize_model(full, cand, samples, ignore=ignore, batch_size=batch_size, progress=progress)
+        if not units:
+            units = fusion_units(rep.targets)
+            params = {u: sum(full.get_submodule(n).weight.numel() for n in u) for u in units}
+        attr = attribute_kl(net, full, windows, units=units, progress=progress, desc=f"KL per layer ({cand.name})")
+        kl[cand.name], kl_all[cand.name] = attr.per_unit, attr.kl_all
+        del full
+    chosen = plan(kl, params, kl_all[recipe.name], primary=recipe.name, keep_fraction=keep_fraction, budget_kl=budget_kl)
+    record = {
         **chosen.to_dict(),
+        "candidates": list(kl),
         "keep_fraction_asked": keep_fraction,
         "budget_kl_asked": budget_kl,
-        "attribution": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "data": "calibration"},
-        "per_layer_kl": attr.per_layer,
+        "attribution": {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "data": "calibration",
+                        "units": "fused shards (q/k/v, gate/up) together"},
+        "kl_all_quantized_per_candidate": kl_all,
+        "per_layer_kl": {s: {unit_name(u): v for u, v in per.items()} for s, per in kl.items()},
     }
+    return chosen, record

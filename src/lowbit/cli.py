@@ -12,7 +12,7 @@ from typing import Any
 
 from lowbit import __version__
 from lowbit.errors import LowbitError
-from lowbit.scheme import WEIGHT_OBSERVERS
+from lowbit.scheme import WEIGHT_OBSERVERS, QuantArgs
 
 log = logging.getLogger("lowbit")
 
@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", parents=[common], help="model + calibration data + scheme -> checkpoint")
     q.add_argument("model", nargs="?", default=None, help="built-in name, model directory or hub id (default smollm2-135m)")
-    q.add_argument("--scheme", default="fp8", help="fp8 (static activation scales) or fp8-dynamic (per-token)")
+    q.add_argument("--scheme", default="fp8", help="fp8 (static activation scales), fp8-dynamic (per-token), w8a8-int8 (INT8, per-token), "
+                        "w4a16 (INT4 groups, weight-only) or w8a16 (INT8 per channel, weight-only)")
     q.add_argument("--calib", default="builtin", help="builtin | PATH (.txt paragraphs/lines, .jsonl) | hf:NAME")
     q.add_argument("--num-samples", type=_positive, default=512)
     q.add_argument("--max-length", type=_positive, default=512, help="tokens per sample (longer ones are cut)")
@@ -67,12 +68,26 @@ def _parser() -> argparse.ArgumentParser:
                    help="mixed precision: keep at most this fraction of Linear weights in BF16, chosen by measured KL")
     q.add_argument("--budget-kl", type=float, default=None, metavar="X",
                    help="mixed precision: keep the fewest weights in BF16 for a predicted KL of at most X")
+    q.add_argument("--candidates", default="", metavar="SCHEMES",
+                   help="mixed precision: more schemes each layer may take instead of --scheme, comma-separated "
+                        "(e.g. w8a8-int8); the one of least measured KL per layer wins, at the same memory")
+    q.add_argument("--group-size", type=_positive, default=None,
+                   help="w4a16: input channels per weight scale (default 128; must divide every quantized Linear's "
+                        "input dimension, e.g. 64 for smollm2-135m's 576)")
+    q.add_argument("--algorithm", default="rtn",
+                   choices=["rtn", "gptq", "smoothquant", "smoothquant+gptq", "awq", "awq+gptq"],
+                   help="rtn: round to nearest; the others run layer by layer, each layer seeing the error of the "
+                        "ones before it: GPTQ error compensation, SmoothQuant outlier migration (W8A8), AWQ "
+                        "activation-aware scales (weight-only), or a chain of two")
+    q.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ: fraction of mean(diag H) added to H's diagonal")
+    q.add_argument("--actorder", action="store_true", help="GPTQ: round columns by decreasing input energy")
+    q.add_argument("--smoothquant-alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1]")
     q.add_argument("--plan-windows", type=_positive, default=2,
                    help="calibration samples on which the KL of each layer is measured for the plan")
 
     i = sub.add_parser("inspect", parents=[common], help="per-layer error, KL attribution, calibration coverage -> report")
     i.add_argument("model", nargs="?", default=None, help="built-in name, model directory or hub id (default smollm2-135m)")
-    i.add_argument("--scheme", default="fp8", help="fp8 | fp8-dynamic")
+    i.add_argument("--scheme", default="fp8", help="fp8 | fp8-dynamic | w8a8-int8")
     i.add_argument("--calib", default="builtin", help="builtin | PATH | hf:NAME (as for quantize)")
     i.add_argument("--num-samples", type=_positive, default=64)
     i.add_argument("--max-length", type=_positive, default=512)
@@ -87,6 +102,19 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--output", "-o", type=Path, required=True)
     i.add_argument("--overwrite", action="store_true")
     i.add_argument("--device", default=None)
+
+    b = sub.add_parser("bench", parents=[common], help="GPU speed and memory: bf16 vs lowbit FP8 vs torchao, one run")
+    b.add_argument("model", nargs="?", default=None,
+                   help="model directory, hub id or built-in name (default smollm2-135m); or use --shape")
+    b.add_argument("--shape", default=None, help="random weights of a real architecture: llama-3-8b, mistral-7b, ...")
+    b.add_argument("--layers", type=_positive, default=None, help="with --shape: fewer decoder layers (quick runs)")
+    b.add_argument("--variants", default="bf16,lowbit-fp8,lowbit-fp8-tensor,lowbit-fp8-dynamic,torchao-rowwise,"
+                                         "torchao-tensorwise")
+    b.add_argument("--prefill", default="1x2048,8x2048,32x512", help="batch x length points")
+    b.add_argument("--decode-batches", default="1,32")
+    b.add_argument("--decode-steps", type=_positive, default=64)
+    b.add_argument("--gemm", action="store_true", help="also the GEMM-level table (4096^3, 8192^3, ...)")
+    b.add_argument("--json", type=Path, default=None, help="also write every number to this file")
 
     e = sub.add_parser("eval", parents=[common], help="base vs quantized: perplexity, KL, top-1, size, latency")
     e.add_argument("quantized", type=Path, help="quantized checkpoint directory")
@@ -156,26 +184,37 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         weight_strategy=args.weight_strategy, weight_observer=args.weight_observer, layout=args.layout, overwrite=args.overwrite,
         device=_device(args.device), batch_size=args.batch_size, progress=not args.quiet,
         keep_fraction=args.keep_fraction, budget_kl=args.budget_kl, plan_windows=args.plan_windows,
+        candidates=[c.strip() for c in args.candidates.split(",") if c.strip()],
+        group_size=args.group_size, algorithm=args.algorithm, gptq_damp=args.gptq_damp, gptq_actorder=args.actorder,
+        smoothquant_alpha=args.smoothquant_alpha,
     )
     p = res.provenance
+    recipe = p["recipe"]
+    w = QuantArgs(**recipe["weights"])
+    a = QuantArgs(**recipe["input_activations"]) if recipe["input_activations"] else None
     rows: list[list[Any]] = [
         ["model", p["base_model"]],
         ["scheme", f"{p['scheme']} ({p['layout']})"],
-        ["weights", f"E4M3 per {p['recipe']['weights']['strategy']}, observer {p['recipe']['weights']['observer']}"],
+        ["weights", w.describe()],
+        ["activations", a.describe() if a else "not quantized"],
     ]
+    if p.get("algorithm_report"):
+        ar = p["algorithm_report"]
+        gain = ar.get("gptq_error_vs_rtn_median")
+        rows.append(["algorithm", p["algorithm"] + ", layer by layer"
+                     + (f"; GPTQ output error vs round-to-nearest: median {gain:.2f}x" if gain is not None else "")])
     if p.get("calibration"):
         c = p["calibration"]
         rows += [
-            ["activations", f"E4M3 static per tensor, observer {p['observer']}"],
             ["calibration", f"{c['num_samples']} samples, {c['num_tokens']} tokens from {c['source']}"],
             ["", f"truncated {c['truncated']}, dropped short {c['dropped_short']}, chat template {c['chat_template_applied']}"],
         ]
-    else:
-        rows.append(["activations", "E4M3 dynamic per token (no calibration)"])
     if p.get("mixed_precision"):
         mp = p["mixed_precision"]
+        per = ", ".join(f"{s} {n}" for s, n in mp["layers_per_scheme"].items())
         rows.append(["mixed precision", f"{len(mp['keep'])} layers kept in BF16 ({100 * mp['kept_fraction']:.2f}% of Linear "
-                     f"weights); predicted KL {mp['predicted_kl']:.4f} vs {mp['kl_all_quantized']:.4f} all quantized"])
+                     f"weights); quantized layers: {per}"])
+        rows.append(["", f"predicted KL {mp['predicted_kl']:.4f} vs {mp['kl_all_quantized']:.4f} all {mp['primary_scheme']}"])
     rows += [
         ["quantized", f"{p['quantized_modules']} Linear layers; kept high precision: {', '.join(p['ignored']) or '-'}"],
         ["time", ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items())],
@@ -202,6 +241,104 @@ def cmd_eval(args: argparse.Namespace) -> int:
         write_json(tmp, result)
         os.replace(tmp, args.json)
     return 0
+
+
+def _pairs(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        out = tuple((int(a), int(b)) for a, b in (p.lower().split("x") for p in text.split(",") if p))
+    except ValueError:
+        raise LowbitError(f"--prefill {text!r}: give BATCHxLENGTH points, e.g. 1x2048,8x2048") from None
+    if not out or any(a < 1 or b < 1 for a, b in out):
+        raise LowbitError(f"--prefill {text!r}: give BATCHxLENGTH points with positive numbers")
+    return out
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from lowbit.eval.bench import VARIANTS, gemm_table, run_bench
+
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise LowbitError(f"unknown variant {bad[0]!r}; choose from {', '.join(VARIANTS)}")
+    points = _pairs(args.prefill)
+    try:
+        batches = tuple(int(b) for b in args.decode_batches.split(",") if b)
+    except ValueError:
+        raise LowbitError(f"--decode-batches {args.decode_batches!r}: give batch sizes, e.g. 1,32") from None
+    if not torch.cuda.is_available():
+        raise LowbitError("lowbit bench measures GPU speed and needs a CUDA GPU (none found); "
+                          "`lowbit eval` measures accuracy and CPU latency")
+    if args.shape and args.model:
+        raise LowbitError("give a model or --shape, not both")
+    if args.shape:
+        from lowbit.models.shapes import build_random
+
+        over = {"num_hidden_layers": args.layers} if args.layers else {}
+        base = build_random(args.shape, device="cuda", **over)
+        name = args.shape + (f" ({args.layers} layers)" if args.layers else "")
+    else:
+        from lowbit.models import load_model
+
+        base, _, src = load_model(args.model, dtype=torch.bfloat16, device="cuda")
+        name = str(src)
+    result = run_bench(base, variants=variants, prefill_points=points, decode_batches=batches,
+                       decode_steps=args.decode_steps, progress=not args.quiet)
+    result["model"] = name
+    if args.gemm:
+        result["gemm"] = gemm_table()
+    print(format_bench(result))
+    if args.json:
+        from lowbit.checkpoint.io import write_json
+
+        write_json(args.json, result)
+    return 0
+
+
+def format_bench(r: dict[str, Any]) -> str:
+    """The bench result as Markdown tables: absolute numbers and speedups against bf16."""
+    rows = r["rows"]
+    base = next((x for x in rows if x["variant"] == "bf16"), None)
+    lines = [f"{r['model']} on {r['gpu']} (torch {r['torch']})", ""]
+    head = ["variant", "model GiB", "peak GiB"]
+    head += [f"prefill {p['batch']}x{p['length']} ms" for p in rows[0]["prefill"]]
+    head += [f"decode b{d['batch']} ms/tok (p50/p99)" for d in rows[0]["decode"]]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for x in rows:
+        cells = [x["variant"], f"{x['model_bytes'] / 2**30:.2f}", f"{x['peak_gpu_bytes'] / 2**30:.2f}"]
+        for i, p in enumerate(x["prefill"]):
+            sp = f" ({base['prefill'][i]['mean_ms'] / p['mean_ms']:.2f}x)" if base else ""
+            cells.append(f"{p['mean_ms']:.2f}{sp}")
+        for i, d in enumerate(x["decode"]):
+            sp = f" ({base['decode'][i]['mean_ms'] / d['mean_ms']:.2f}x)" if base else ""
+            cells.append(f"{d['p50_ms']:.3f}/{d['p99_ms']:.3f}{sp}")
+        lines.append("| " + " | ".join(cells) + " |")
+    if any("joules_per_token" in p for x in rows for p in x["prefill"] + x["decode"]):
+        lines += ["", "energy per token (NVML counter, timed runs only), joules:", ""]
+        cols = [f"prefill {p['batch']}x{p['length']}" for p in rows[0]["prefill"]]
+        cols += [f"decode b{d['batch']}" for d in rows[0]["decode"]]
+        lines += ["| variant | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+        for x in rows:
+            vals = [p.get("joules_per_token") for p in x["prefill"] + x["decode"]]
+            lines.append(f"| {x['variant']} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in vals) + " |")
+    modes = {d["mode"] for x in rows for d in x["decode"]}
+    lines.append("")
+    lines.append(f"decode timing: {', '.join(sorted(modes))}; speedups (in brackets) are mean latency of bf16 / variant")
+    for x in rows:
+        if "native" in x:
+            lines.append(f"{x['variant']}: {x['native']}")
+    for v, why in r.get("skipped", {}).items():
+        lines.append(f"{v}: skipped ({why})")
+    if r.get("gemm"):
+        lines += ["", "GEMM level (CUDA graph replays; speedup against bf16):", "",
+                  "| M x K x N | bf16 ms | lowbit FP8 static per-tensor | lowbit FP8 dynamic per-token | "
+                  "bare _scaled_mm | torchao row-wise | torchao tensor-wise |", "|---|---|---|---|---|---|---|"]
+        for g in r["gemm"]:
+            tao = [f"{g[k]:.2f}x" if k in g else "-" for k in ("torchao-rowwise_speedup", "torchao-tensorwise_speedup")]
+            lines.append(f"| {g['M']}x{g['K']}x{g['N']} | {g['bf16_ms']:.3f} | {g['fp8_static_tensor_speedup']:.2f}x | "
+                         f"{g['fp8_dynamic_row_speedup']:.2f}x | {g['scaled_mm_only_speedup']:.2f}x | {tao[0]} | {tao[1]} |")
+    return "\n".join(lines)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -327,7 +464,7 @@ def _formats_compare(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"doctor": cmd_doctor, "quantize": cmd_quantize, "eval": cmd_eval, "formats": cmd_formats,
-            "inspect": cmd_inspect}
+            "inspect": cmd_inspect, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, cast
 
 from lowbit.errors import LowbitError
-from lowbit.formats import E4M3, FloatFormat
+from lowbit.formats import E4M3, INT4, INT8, FloatFormat, IntFormat
 
 Strategy = Literal["tensor", "channel", "token", "group"]
 
@@ -28,10 +28,22 @@ class QuantArgs:
     observer: str | None = "minmax"
 
     @property
-    def format(self) -> FloatFormat:
+    def format(self) -> FloatFormat | IntFormat:
+        """The element grid: E4M3 for 8-bit float, INT8 / INT4 for int (symmetric, zero point 0)."""
         if self.type == "float" and self.num_bits == 8:
             return E4M3
+        if self.type == "int" and self.num_bits in (4, 8):
+            if not self.symmetric:
+                raise LowbitError(f"asymmetric {self.num_bits}-bit int (with a zero point) is not supported yet")
+            return INT8 if self.num_bits == 8 else INT4
         raise LowbitError(f"no element format for {self.num_bits}-bit {self.type} yet")
+
+    def describe(self) -> str:
+        """e.g. "E4M3 per channel (mse)", "INT8 dynamic per token", "E4M3 static per tensor (minmax)"."""
+        name = self.format.name.upper().removesuffix("FN")
+        per = f"per group of {self.group_size}" if self.strategy == "group" else f"per {self.strategy}"
+        kind = "dynamic " if self.dynamic else ""
+        return f"{name} {kind}{per}" + (f" ({self.observer})" if self.observer else "")
 
     def to_ct(self) -> dict[str, Any]:
         """The compressed-tensors argument dict, with only keys that every reader since CT 0.9 knows
@@ -89,6 +101,26 @@ SCHEMES: dict[str, Scheme] = {
         weights=QuantArgs(strategy="channel", observer="mse"),
         input_activations=QuantArgs(strategy="token", dynamic=True, observer=None),
     ),
+    # vLLM's CompressedTensorsW8A8Int8 (cutlass int8 GEMM): per-channel INT8 weights, per-token
+    # dynamic INT8 activations (scale = absmax / 127 per token, computed by the kernel).
+    "w8a8-int8": Scheme(
+        "w8a8-int8",
+        weights=QuantArgs(type="int", strategy="channel", observer="mse"),
+        input_activations=QuantArgs(type="int", strategy="token", dynamic=True, observer=None),
+    ),
+    # vLLM's CompressedTensorsWNA16 (Marlin kernels): INT4 weights in groups of 128 along the input
+    # dimension, packed eight to an int32 (`pack-quantized`); activations stay in the model dtype.
+    "w4a16": Scheme(
+        "w4a16",
+        weights=QuantArgs(num_bits=4, type="int", strategy="group", group_size=128, observer="mse"),
+        input_activations=None,
+    ),
+    # The same kernels with INT8 weights per output channel.
+    "w8a16": Scheme(
+        "w8a16",
+        weights=QuantArgs(num_bits=8, type="int", strategy="channel", observer="mse"),
+        input_activations=None,
+    ),
 }
 
 OBSERVERS = ("minmax", "moving-minmax")
@@ -96,15 +128,28 @@ WEIGHT_OBSERVERS = ("minmax", "mse")
 
 
 def get_scheme(
-    name: str, *, weight_strategy: str | None = None, observer: str | None = None, weight_observer: str | None = None
+    name: str,
+    *,
+    weight_strategy: str | None = None,
+    observer: str | None = None,
+    weight_observer: str | None = None,
+    group_size: int | None = None,
 ) -> Scheme:
     """Look up a named scheme and apply the user's overrides, refusing what does not make sense."""
     if name not in SCHEMES:
         raise LowbitError(f"unknown scheme {name!r}; choose one of: {', '.join(SCHEMES)}")
     scheme = SCHEMES[name]
+    if group_size is not None:
+        if scheme.weights.strategy != "group":
+            raise LowbitError(f"scheme {name!r} has no weight groups; --group-size applies to w4a16")
+        if group_size <= 0:
+            raise LowbitError(f"--group-size must be a positive number of input channels, got {group_size}")
+        scheme = replace(scheme, weights=replace(scheme.weights, group_size=group_size))
     if weight_strategy is not None:
         if weight_strategy not in ("tensor", "channel"):
             raise LowbitError(f"weight strategy must be 'tensor' or 'channel', not {weight_strategy!r}")
+        if scheme.weights.strategy == "group":
+            raise LowbitError(f"scheme {name!r} quantizes weights in groups; use --group-size, not --weight-strategy")
         scheme = replace(scheme, weights=replace(scheme.weights, strategy=cast(Strategy, weight_strategy)))
     if weight_observer is not None:
         if weight_observer not in WEIGHT_OBSERVERS:

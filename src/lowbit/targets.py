@@ -61,3 +61,32 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
+
+
+# Sibling Linear layers that serving engines fuse into one GEMM (vLLM's `packed_modules_mapping`):
+# a fused layer has one quantization scheme, so its shards must be quantized (or kept) alike.
+FUSED_SIBLINGS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("w1", "w3"),  # Mixtral-style experts
+    ("q_a_proj", "kv_a_proj_with_mqa"),  # DeepSeek MLA
+)
+
+
+def fusion_units(names: Iterable[str]) -> list[tuple[str, ...]]:
+    """`names` partitioned into the units a serving engine runs as one layer, in first-seen order.
+
+    Shards of a fused layer (same parent module, leaf names from one FUSED_SIBLINGS tuple) form one
+    unit; every other Linear is a unit of its own.
+    """
+    units: dict[tuple[str, int], list[str]] = {}
+    order: list[tuple[str, int]] = []
+    for i, name in enumerate(names):
+        parent, _, leaf = name.rpartition(".")
+        family = next((k for k, fam in enumerate(FUSED_SIBLINGS) if leaf in fam), None)
+        key = (parent, family) if family is not None else (name, -1 - i)
+        if key not in units:
+            units[key] = []
+            order.append(key)
+        units[key].append(name)
+    return [tuple(units[k]) for k in order]

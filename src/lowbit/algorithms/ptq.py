@@ -41,14 +41,22 @@ class PTQReport:
         }
 
 
-def quantize_weights(model: nn.Module, scheme: Scheme, targets: list[str], scale_dtype: torch.dtype) -> None:
+def quantize_weights(
+    model: nn.Module,
+    scheme: Scheme,
+    targets: list[str],
+    scale_dtype: torch.dtype,
+    overrides: dict[str, Scheme] | None = None,
+) -> None:
+    """Swap every target Linear for a QuantLinear of `scheme` (or of `overrides[name]`)."""
     for name in targets:
         linear = model.get_submodule(name)
         assert isinstance(linear, nn.Linear), f"{name} is {type(linear).__name__}, not Linear"
         bad = int((~torch.isfinite(linear.weight)).sum())
         if bad:
             raise LowbitError(f"NaN or Inf in the weight of {name} ({bad} values): the model itself is broken")
-        q = QuantLinear.from_linear(linear, scheme.weights, scheme.input_activations, scale_dtype)
+        s = (overrides or {}).get(name, scheme)
+        q = QuantLinear.from_linear(linear, s.weights, s.input_activations, scale_dtype)
         set_submodule(model, name, q)
 
 
@@ -110,24 +118,30 @@ def quantize_model(
     default_ignore: Iterable[str] = DEFAULT_IGNORE,
     batch_size: int = 1,
     progress: bool = True,
+    overrides: dict[str, Scheme] | None = None,
 ) -> PTQReport:
-    """Quantize `model` in place with `scheme`; `samples` are needed for static activation scales."""
+    """Quantize `model` in place with `scheme` (layers named in `overrides` with their own scheme:
+    a mixed-precision plan); `samples` are needed for static activation scales."""
     targets, ignored = select_linears(model, ignore, default_ignore=default_ignore)
+    unknown = sorted(set(overrides or {}) - set(targets))
+    if unknown:
+        raise LowbitError(f"a per-layer scheme names {unknown[0]}, which is not a quantized Linear here")
     report = PTQReport(targets, ignored)
     scale_dtype = next(model.parameters()).dtype
     if scale_dtype == torch.float16:  # fp16 cannot hold small scales precisely; readers accept float32
         scale_dtype = torch.float32
     t0 = time.perf_counter()
-    quantize_weights(model, scheme, targets, scale_dtype)
+    quantize_weights(model, scheme, targets, scale_dtype, overrides)
     report.seconds["weights"] = time.perf_counter() - t0
-    if scheme.static_inputs:
-        assert scheme.input_activations is not None
+    static = [s for s in (scheme, *(overrides or {}).values()) if s.static_inputs]
+    if static:
+        observer = {s.input_activations.observer or "minmax" for s in static}  # type: ignore[union-attr]
+        if len(observer) > 1:
+            raise LowbitError(f"static layers with different observers ({', '.join(sorted(observer))}) in one model")
         if not samples:
             raise ValueError("static activation scales need calibration samples")
         t0 = time.perf_counter()
-        observers = calibrate_inputs(
-            model, samples, scheme.input_activations.observer or "minmax", batch_size=batch_size, progress=progress
-        )
+        observers = calibrate_inputs(model, samples, observer.pop(), batch_size=batch_size, progress=progress)
         report.seconds["calibration"] = time.perf_counter() - t0
         report.tokens_seen = {n: o.tokens for n, o in observers.items()}
     return report

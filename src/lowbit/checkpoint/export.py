@@ -1,10 +1,14 @@
 """Write a quantized model as a checkpoint that vLLM and transformers load as it is.
 
 Two layouts:
-- `compressed-tensors` (default): `quant_method: compressed-tensors`, `format: float-quantized`,
-  one config group targeting `Linear`, the ignore list spelled out as exact module names; tensors
-  `weight` (float8_e4m3fn), `weight_scale` ((1,) per tensor, (out, 1) per channel) and, for static
-  activations, `input_scale` (1,), all in the model dtype as compressed-tensors writes them.
+- `compressed-tensors` (default): `quant_method: compressed-tensors`, one config group targeting
+  `Linear` (or, for a mixed-precision plan, one group per distinct scheme listing its modules by
+  name), each with its `format` (`float-quantized` for FP8, `int-quantized` for INT8 W8A8), the
+  ignore list spelled out as exact module names; weight-only INT4/INT8 (`pack-quantized`):
+  `weight_packed` (int32, 32 / bits codes per word along the input dimension, offset binary, low
+  bits first) and `weight_shape`; otherwise tensors `weight` (float8_e4m3fn or int8),
+  `weight_scale` ((1,) per tensor, (out, 1) per channel) and, for static activations,
+  `input_scale` (1,), all in the model dtype as compressed-tensors writes them.
 - `autofp8`: the older `{quant_method: fp8, activation_scheme}` layout vLLM's Fp8Config reads:
   per-tensor weights only, float32 scalar scales.
 """
@@ -20,6 +24,7 @@ from torch import nn
 
 from lowbit.checkpoint.io import atomic_directory, save_tensors, write_json
 from lowbit.errors import LowbitError
+from lowbit.formats.packing import pack_intn_to_int32
 from lowbit.nn import QuantLinear
 from lowbit.scheme import Scheme
 
@@ -27,20 +32,65 @@ Layout = Literal["compressed-tensors", "autofp8"]
 PROVENANCE = "lowbit_provenance.json"
 
 
-def ct_quantization_config(scheme: Scheme, ignore: list[str]) -> dict[str, Any]:
-    """The `quantization_config` block, validated by compressed-tensors' own schema."""
-    group = {
-        "targets": ["Linear"],
-        "weights": scheme.weights.to_ct(),
-        "input_activations": scheme.input_activations.to_ct() if scheme.input_activations else None,
-        "output_activations": None,
-    }
-    fmt = "float-quantized" if scheme.input_activations is not None else "naive-quantized"
+def ct_format(scheme: Scheme) -> str:
+    """The compressed-tensors compressor (`format`) that stores a scheme's weights as lowbit holds them."""
+    w, a = scheme.weights, scheme.input_activations
+    if w.type == "float":
+        return "float-quantized" if a is not None else "naive-quantized"
+    if a is not None:
+        return "int-quantized"  # int8 codes as they are, read by vLLM's W8A8 int8 kernels
+    return "pack-quantized"  # weight-only INT4/INT8, packed into int32 words, read by vLLM's WNA16 kernels
+
+
+def is_packed(m: QuantLinear) -> bool:
+    return m.weight_args.type == "int" and m.input_args is None
+
+
+def config_groups(model: nn.Module) -> list[tuple[list[str], Scheme]]:
+    """The QuantLinear modules grouped by identical (weights, input activations) arguments.
+
+    One group targets the class name `Linear` (the ignore list removes the rest); several groups
+    (a mixed-precision plan) list their modules by exact name, so no reader has to resolve an
+    overlap between targets. Largest group first.
+    """
+    by_args: dict[tuple[Any, Any], list[str]] = {}
+    schemes: dict[tuple[Any, Any], Scheme] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            key = (m.weight_args, m.input_args)
+            by_args.setdefault(key, []).append(name)
+            schemes.setdefault(key, Scheme(f"group_{len(schemes)}", m.weight_args, m.input_args))
+    if not by_args:
+        raise LowbitError("the model has no quantized layers to write")
+    order = sorted(by_args, key=lambda k: -len(by_args[k]))
+    if len(order) == 1:
+        return [(["Linear"], schemes[order[0]])]
+    return [(sorted(by_args[k]), schemes[k]) for k in order]
+
+
+def ct_quantization_config(groups: list[tuple[list[str], Scheme]], ignore: list[str]) -> dict[str, Any]:
+    """The `quantization_config` block, validated by compressed-tensors' own schema.
+
+    Each config group carries its own `format`; the top-level `format` is that format when all
+    groups share it, else `mixed-precision` (what compressed-tensors itself writes for such models).
+    """
+    cgroups: dict[str, Any] = {}
+    formats = []
+    for i, (targets, scheme) in enumerate(groups):
+        fmt = ct_format(scheme)
+        formats.append(fmt)
+        cgroups[f"group_{i}"] = {
+            "targets": list(targets),
+            "weights": scheme.weights.to_ct(),
+            "input_activations": scheme.input_activations.to_ct() if scheme.input_activations else None,
+            "output_activations": None,
+            "format": fmt,
+        }
     config = {
         "quant_method": "compressed-tensors",
-        "format": fmt,
+        "format": formats[0] if len(set(formats)) == 1 else "mixed-precision",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": group},
+        "config_groups": cgroups,
         "ignore": sorted(ignore),
         "kv_cache_scheme": None,
     }
@@ -51,6 +101,8 @@ def ct_quantization_config(scheme: Scheme, ignore: list[str]) -> dict[str, Any]:
 
 
 def autofp8_quantization_config(scheme: Scheme, ignore: list[str]) -> dict[str, Any]:
+    if scheme.weights.type != "float":
+        raise LowbitError("the autofp8 layout holds FP8 weights only")
     if scheme.weights.strategy != "tensor":
         raise LowbitError("the autofp8 layout holds per-tensor weight scales only; add --weight-strategy tensor")
     return {
@@ -74,6 +126,13 @@ def checkpoint_tensors(model: nn.Module, layout: Layout, tie_word_embeddings: bo
                 t = t.float().reshape(())
             elif t.numel() == 1:
                 t = t.reshape(1)
+        if module in quant and leaf == "weight":
+            qm = model.get_submodule(module)
+            assert isinstance(qm, QuantLinear)
+            if is_packed(qm):  # codes along the input dimension, 32 / bits to an int32, plus the shape
+                out[f"{module}.weight_packed"] = pack_intn_to_int32(t, qm.weight_args.num_bits)
+                out[f"{module}.weight_shape"] = torch.tensor(list(t.shape), dtype=torch.int64)
+                continue
         out[key] = t
     return out
 
@@ -91,7 +150,7 @@ def save_checkpoint(
 ) -> Path:
     """Write config, tensors, tokenizer, generation config and provenance; atomically."""
     if layout == "compressed-tensors":
-        qconfig = ct_quantization_config(scheme, ignore)
+        qconfig = ct_quantization_config(config_groups(model), ignore)
     elif layout == "autofp8":
         qconfig = autofp8_quantization_config(scheme, ignore)
     else:

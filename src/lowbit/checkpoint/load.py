@@ -8,6 +8,7 @@ checked loudly: a missing, unexpected, misshapen or mistyped tensor is an error 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,12 @@ from torch import nn
 
 from lowbit.checkpoint.io import load_tensors
 from lowbit.errors import LowbitError
+from lowbit.formats.packing import unpack_int32_to_intn
 from lowbit.nn import QuantLinear
 from lowbit.scheme import QuantArgs, Scheme
 from lowbit.targets import set_submodule
+
+log = logging.getLogger("lowbit")
 
 
 @dataclass(frozen=True)
@@ -32,19 +36,24 @@ class CheckpointScheme:
     ignore: list[str]
 
     def scheme_for(self, name: str, module: nn.Module) -> Scheme | None:
+        """The scheme of the group whose target matches `name` most specifically: an exact module
+        name first, then a `re:` pattern, then the class name (compressed-tensors' precedence)."""
         if any(_ct_match(name, module, t) for t in self.ignore):
             return None
-        for targets, scheme in self.groups:
-            if any(_ct_match(name, module, t) for t in targets):
-                return scheme
+        for kind in ("name", "regex", "class"):
+            for targets, scheme in self.groups:
+                if any(_ct_match(name, module, t, kind) for t in targets):
+                    return scheme
         return None
 
 
-def _ct_match(name: str, module: nn.Module, target: str) -> bool:
+def _ct_match(name: str, module: nn.Module, target: str, kind: str | None = None) -> bool:
     """compressed-tensors matching: `re:` regex (re.match), exact module name, or class name."""
     if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return target == name or target == type(module).__name__
+        return kind in (None, "regex") and re.match(target[3:], name) is not None
+    if kind in (None, "name") and target == name:
+        return True
+    return kind in (None, "class") and target == type(module).__name__
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -67,22 +76,36 @@ def parse_quantization_config(qc: dict[str, Any]) -> CheckpointScheme:
         groups = []
         for gname, g in (qc.get("config_groups") or {}).items():
             w, a = g.get("weights"), g.get("input_activations")
-            if w is None or w.get("type") != "float" or int(w.get("num_bits", 0)) != 8:
-                raise LowbitError(f"config group {gname}: only FP8 weights are supported by this lowbit version")
+            if w is None or (w.get("type"), int(w.get("num_bits", 0))) not in (("float", 8), ("int", 8), ("int", 4)):
+                raise LowbitError(
+                    f"config group {gname}: only FP8, INT8 and INT4 weights are supported by this lowbit version"
+                )
             if g.get("output_activations"):
                 raise LowbitError(f"config group {gname}: output activation quantization is not supported")
             wa = QuantArgs.from_ct(w)
-            if wa.strategy not in ("tensor", "channel") or not wa.symmetric:
-                raise LowbitError(f"config group {gname}: FP8 weights with strategy {wa.strategy!r} are not supported")
+            if not wa.symmetric:
+                raise LowbitError(f"config group {gname}: asymmetric weights (with zero points) are not supported yet")
+            if w.get("actorder") == "group":
+                raise LowbitError(f"config group {gname}: group activation ordering (weight_g_idx) is not supported")
+            ok = ("tensor", "channel", "group") if wa.type == "int" else ("tensor", "channel")
+            if wa.strategy not in ok:
+                raise LowbitError(f"config group {gname}: {wa.type} weights with strategy {wa.strategy!r} are not supported")
+            if wa.num_bits == 4 and a:
+                raise LowbitError(f"config group {gname}: 4-bit weights with quantized activations are not supported")
             aa = QuantArgs.from_ct(a) if a else None
-            if aa is not None and (aa.type != "float" or aa.num_bits != 8 or not aa.symmetric):
-                raise LowbitError(f"config group {gname}: only symmetric FP8 input activations are supported")
+            if aa is not None and ((aa.type, aa.num_bits) not in (("float", 8), ("int", 8)) or not aa.symmetric):
+                raise LowbitError(f"config group {gname}: only symmetric 8-bit input activations are supported")
             if aa is not None and not aa.dynamic and aa.strategy != "tensor":
                 raise LowbitError(f"config group {gname}: static input scales must be per tensor")
+            gfmt = g.get("format") or fmt
+            if wa.type == "int" and aa is None and gfmt != "pack-quantized":
+                raise LowbitError(f"config group {gname}: weight-only integer weights are read from pack-quantized only")
+            if gfmt not in ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized", None):
+                raise LowbitError(f"config group {gname}: compressed-tensors format {gfmt!r} is not supported by this lowbit version")
             groups.append((list(g.get("targets") or []), Scheme(f"ct:{gname}", wa, aa)))
         if not groups:
             raise LowbitError("quantization_config has no config_groups")
-        if fmt not in ("float-quantized", "naive-quantized", None):
+        if fmt not in ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized", "mixed-precision", None):
             raise LowbitError(f"compressed-tensors format {fmt!r} is not supported by this lowbit version")
         return CheckpointScheme("compressed-tensors", groups, list(qc.get("ignore") or []))
     if method == "fp8":
@@ -143,9 +166,37 @@ def _fit(name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
             t = t.reshape(like.shape)  # () / (1,) scalars and (out,) vs (out, 1) channel scales
         else:
             raise LowbitError(f"tensor {name} has shape {tuple(t.shape)}, the model expects {tuple(like.shape)}")
-    if like.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and t.dtype != like.dtype:
+    if like.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8) and t.dtype != like.dtype:
         raise LowbitError(f"tensor {name} is {t.dtype}, the quantization config says {like.dtype}")
     return t.to(like.dtype)
+
+
+def _unpack(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """pack-quantized `weight_packed` + `weight_shape` -> the int8 codes QuantLinear holds as `weight`."""
+    out = {k: t for k, t in tensors.items() if not k.endswith((".weight_packed", ".weight_shape"))}
+    for key, packed in tensors.items():
+        if not key.endswith(".weight_packed"):
+            continue
+        module = key.removesuffix(".weight_packed")
+        shape = tensors.get(f"{module}.weight_shape")
+        try:
+            qm = model.get_submodule(module)
+        except AttributeError:
+            raise LowbitError(f"checkpoint has {key}, but the model has no module {module}") from None
+        if not isinstance(qm, QuantLinear) or qm.weight_args.type != "int":
+            raise LowbitError(f"checkpoint has packed weights for {module}, which the config does not quantize as int")
+        if shape is None or shape.numel() != 2:
+            raise LowbitError(f"checkpoint has {key} without a (2,) {module}.weight_shape")
+        rows, cols = (int(v) for v in shape)
+        if (rows, cols) != (qm.out_features, qm.in_features):
+            raise LowbitError(f"{module}.weight_shape is {[rows, cols]}, the model expects {[qm.out_features, qm.in_features]}")
+        if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[0] != rows:
+            raise LowbitError(f"tensor {key} is {packed.dtype} {tuple(packed.shape)}, expected int32 ({rows}, packed columns)")
+        try:
+            out[f"{module}.weight"] = unpack_int32_to_intn(packed, cols, qm.weight_args.num_bits)
+        except ValueError as e:
+            raise LowbitError(f"tensor {key}: {e}") from None
+    return out
 
 
 def load(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
@@ -156,7 +207,7 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: t
     """
     path = Path(path)
     model, scheme = build_quantized_model(path, dtype)
-    tensors = load_tensors(path)
+    tensors = _unpack(load_tensors(path), model)
     expected = dict(model.state_dict(keep_vars=True))
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     unexpected = sorted(set(tensors) - set(expected))
@@ -181,4 +232,26 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: t
     model.eval()
     if device is not None:
         model.to(device)
+        if torch.device(device).type == "cuda":
+            summary = native_summary(model, torch.device(device))
+            log.log(logging.WARNING if summary["emulated"] else logging.INFO, summary["message"])
     return model
+
+
+def native_summary(model: nn.Module, device: torch.device) -> dict[str, Any]:
+    """Which QuantLinear layers run natively on `device` (FP8 tensor cores) and why the others do not:
+    {"native": n, "emulated": m, "reasons": {reason: count}, "message": one line}."""
+    reasons: dict[str, int] = {}
+    native = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            r = m.native_reason(device)
+            if r is None:
+                native += 1
+            else:
+                reasons[r] = reasons.get(r, 0) + 1
+    emulated = sum(reasons.values())
+    msg = f"native FP8 (torch._scaled_mm) on {native} of {native + emulated} quantized layers"
+    if emulated:
+        msg += "; emulated on " + ", ".join(f"{n} ({r})" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return {"native": native, "emulated": emulated, "reasons": reasons, "message": msg}

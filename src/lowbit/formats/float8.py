@@ -13,11 +13,30 @@ Shapes: `x` is any shape; `scale` broadcasts against it, or (for groups) has a l
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from lowbit.formats.minifloat import E4M3FN, E5M2, Minifloat
 
-# FP8 is one case of the generic simulator: scales and (de)quantization below take any Minifloat.
+
+class ScaledFormat(Protocol):
+    """What the scaled functions below need of an element format: Minifloat, and IntFormat used
+    symmetrically (zero point 0), both provide it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def max(self) -> float: ...
+
+    def cast(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def quantize_dequantize(self, x: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor: ...
+
+
+# FP8 is one case of the generic simulator: scales and (de)quantization below take any Minifloat
+# (and any symmetric integer format: `lowbit.formats.integer.IntFormat`).
 FloatFormat = Minifloat
 E4M3 = E4M3FN
 
@@ -38,7 +57,7 @@ def expand_scale(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return scale
 
 
-def scale_from_amax(amax: torch.Tensor, fmt: FloatFormat, scale_dtype: torch.dtype) -> torch.Tensor:
+def scale_from_amax(amax: torch.Tensor, fmt: ScaledFormat, scale_dtype: torch.dtype) -> torch.Tensor:
     """scale = amax / fmt.max, rounded to the dtype it will be stored in, returned as float32.
 
     Rounding first matters: readers dequantize with the stored scale, so lowbit quantizes with
@@ -48,7 +67,7 @@ def scale_from_amax(amax: torch.Tensor, fmt: FloatFormat, scale_dtype: torch.dty
     return scale.to(scale_dtype).float()
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat = E4M3) -> torch.Tensor:
+def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: ScaledFormat = E4M3) -> torch.Tensor:
     """x / scale on fmt's grid, saturated: fmt.dtype codes, or float32 grid values for a format torch lacks."""
     return fmt.cast(x.float() / expand_scale(scale.float(), x))
 
@@ -66,7 +85,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     return (q.float() * expand_scale(scale.float(), q)).to(dtype)
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat = E4M3) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, fmt: ScaledFormat = E4M3) -> torch.Tensor:
     """Quantize-dequantize in x's dtype: what a W8A8 kernel sees, for emulation.
 
     Equal to dequantize(quantize(x, scale), scale, x.dtype) (the product of a grid value and a
@@ -87,7 +106,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     """Straight-through estimator: identity gradient inside [-max*scale, max*scale], zero outside."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, fmt: ScaledFormat) -> torch.Tensor:
         s = expand_scale(scale.float(), x)
         ctx.save_for_backward(x.float().abs() <= fmt.max * s)
         return fake_quantize(x, scale, fmt)
@@ -98,7 +117,7 @@ class _FakeQuantSTE(torch.autograd.Function):
         return grad * inside.to(grad.dtype), None, None
 
 
-def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat = E4M3) -> torch.Tensor:
+def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, fmt: ScaledFormat = E4M3) -> torch.Tensor:
     """fake_quantize with a straight-through gradient for x (scale is treated as a constant)."""
     return _FakeQuantSTE.apply(x, scale, fmt)
 
@@ -106,7 +125,7 @@ def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, fmt: FloatFormat = E
 def mse_scale(
     x: torch.Tensor,
     amax: torch.Tensor,
-    fmt: FloatFormat,
+    fmt: ScaledFormat,
     scale_dtype: torch.dtype,
     *,
     shrink: tuple[float, float, int] = (0.8, 1.0, 21),

@@ -62,6 +62,27 @@ class IntFormat:
         return torch.int32
 
 
+    # --- the interface the scaled (symmetric) functions of `lowbit.formats.float8` use, shared with
+    # Minifloat, so an integer grid plugs into the same quantize / fake-quantize / scale-search code.
+    @property
+    def max(self) -> float:
+        """The largest code: what a symmetric scale maps absmax onto (scale = absmax / max)."""
+        return float(self.qmax)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage_dtype
+
+    def cast(self, x: torch.Tensor) -> torch.Tensor:
+        """Round an already scaled tensor half to even and saturate: codes in the storage dtype."""
+        return quantize(x, torch.ones((), device=x.device), torch.zeros((), device=x.device), self)
+
+    def quantize_dequantize(self, x: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """Symmetric fake quantization (zero point 0) in x's dtype; scale broadcasts against x."""
+        s = scale if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), device=x.device)
+        return fake_quantize(x, s, torch.zeros((), device=x.device), self)
+
+
 INT8 = IntFormat("int8", 8, True)
 INT4 = IntFormat("int4", 4, True)
 UINT8 = IntFormat("uint8", 8, False)

@@ -12,14 +12,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.formats import absmax, dequantize, fake_quantize, mse_scale, quantize, scale_from_amax
 from lowbit.scheme import QuantArgs
 
 
-class QuantLinear(nn.Module):
-    """y = Q(x) @ dequant(W).T + b, with W stored as FP8 codes and its scales.
+def weight_scale_shape(args: QuantArgs, out_features: int, in_features: int) -> tuple[int, int]:
+    if args.strategy == "tensor":
+        return (1, 1)
+    if args.strategy == "channel":
+        return (out_features, 1)
+    if args.strategy == "group":
+        g = args.group_size
+        if not g or g <= 0 or in_features % g:
+            raise LowbitError(f"group size {g} does not divide the input dimension {in_features}")
+        return (out_features, in_features // g)
+    raise LowbitError(f"weights cannot be quantized per {args.strategy}")
 
-    weight: (out, in) fmt codes; weight_scale: (1, 1) per tensor or (out, 1) per channel;
+
+def weight_scale(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Scales for weight w (out, in) or a slice of it under `args`: (1, 1), (out, 1) or (out, in / g),
+    from absmax or (observer "mse") from the MSE search; float32, rounded to `scale_dtype`."""
+    fmt = args.format
+    amax = absmax(w, args.strategy, group_size=args.group_size)
+    if args.observer != "mse":
+        return scale_from_amax(amax, fmt, scale_dtype)
+    if args.strategy == "group":  # search each group: (out, G, g) values against (out, G, 1) maxima
+        assert args.group_size is not None
+        groups = w.unflatten(-1, (w.shape[-1] // args.group_size, args.group_size))
+        return mse_scale(groups, amax.unsqueeze(-1), fmt, scale_dtype).squeeze(-1)
+    return mse_scale(w, amax, fmt, scale_dtype)
+
+
+class QuantLinear(nn.Module):
+    """y = Q(x) @ dequant(W).T + b, with W stored as codes of its format (E4M3, INT8, INT4) and its scales.
+
+    weight: (out, in) codes (float8_e4m3fn, or int8 for INT8 and INT4, which is packed only on
+    export); weight_scale: (1, 1) per tensor, (out, 1) per channel or (out, in / group) per group;
     input_scale: (1, 1) for static activations; absent for dynamic (per-token, computed here).
     Scales are stored in `scale_dtype` (the model dtype, as in the checkpoint) and used in float32.
     """
@@ -43,7 +72,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight_args, self.input_args = weights, input_activations
         fmt = weights.format
-        w_scale_shape = (out_features, 1) if weights.strategy == "channel" else (1, 1)
+        w_scale_shape = weight_scale_shape(weights, out_features, in_features)
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=fmt.dtype, device=device))
         self.register_buffer("weight_scale", torch.ones(w_scale_shape, dtype=scale_dtype, device=device))
         if input_activations is not None and not input_activations.dynamic:
@@ -55,13 +84,35 @@ class QuantLinear(nn.Module):
         self.quantize_inputs = True
         # Optional dequantized copy of the weight (memory for speed), set by `cache_weight()`.
         self._w_cache: torch.Tensor | None = None
+        # Native FP8 matmul on CUDA GPUs with FP8 tensor cores: None decides on the first CUDA call
+        # (`native_reason`), False forces the emulated forward, True requires the native one.
+        self.native: bool | None = None
+        self._native_reason: str | None = None
+        self._native_decided = False
+        self._native_scales: tuple[tuple[int, int], torch.Tensor, torch.Tensor | None] | None = None
 
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, weights: QuantArgs, input_activations: QuantArgs | None, scale_dtype: torch.dtype
     ) -> QuantLinear:
-        """Quantize a float Linear's weight (round to nearest, scales from amax)."""
+        """Quantize a float Linear's weight (round to nearest, scales from `weight_scale`)."""
         w = linear.weight.detach()
+        scale = weight_scale(w, weights, scale_dtype)
+        return cls.from_quantized(linear, weights, input_activations, scale_dtype, w, scale)
+
+    @classmethod
+    def from_quantized(
+        cls,
+        linear: nn.Linear,
+        weights: QuantArgs,
+        input_activations: QuantArgs | None,
+        scale_dtype: torch.dtype,
+        w: torch.Tensor,
+        scale: torch.Tensor,
+    ) -> QuantLinear:
+        """A QuantLinear holding `w` (out, in) rounded to the grid of `scale` (as `weight_scale` gives
+        it, already rounded to `scale_dtype`). For weights an algorithm has already put on the grid
+        (GPTQ) the rounding is exact; for others it is round-to-nearest."""
         q = cls(
             linear.in_features,
             linear.out_features,
@@ -71,13 +122,7 @@ class QuantLinear(nn.Module):
             scale_dtype=scale_dtype,
             device=w.device,
         )
-        fmt = weights.format
-        amax = absmax(w, weights.strategy)  # (out, 1) or (1, 1)
-        if weights.observer == "mse":
-            scale = mse_scale(w, amax, fmt, scale_dtype)
-        else:
-            scale = scale_from_amax(amax, fmt, scale_dtype)
-        q.weight.copy_(quantize(w, scale, fmt))
+        q.weight.copy_(quantize(w, scale, weights.format))
         q.weight_scale.copy_(scale.to(scale_dtype))
         if linear.bias is not None:
             assert q.bias is not None
@@ -89,6 +134,7 @@ class QuantLinear(nn.Module):
         assert self.input_args is not None
         scale = scale_from_amax(amax.reshape(1, 1), self.input_args.format, self.input_scale.dtype)
         self.input_scale.copy_(scale)
+        self._native_scales = None
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.weight, self.weight_scale, dtype)
@@ -111,10 +157,63 @@ class QuantLinear(nn.Module):
         on a CPU. The values are identical either way."""
         self._w_cache = None if dtype is None else self.dequantized_weight(dtype)
 
+    @property
+    def input_kind(self) -> str | None:
+        a = self.input_args
+        if a is None:
+            return None
+        if not a.dynamic:
+            return "static"
+        return "token" if a.strategy == "token" else "tensor"
+
+    def native_reason(self, device: torch.device) -> str | None:
+        """None if this layer runs natively (torch._scaled_mm) on `device`, else why not."""
+        if device.type != "cuda":
+            return "not a CUDA device"
+        try:
+            from lowbit.kernels import fp8_native
+        except Exception as e:  # no Triton, or a torch without FP8 dtypes
+            return f"native FP8 kernels unavailable ({type(e).__name__}: {e})"
+        if not fp8_native.device_ok(device.index if device.index is not None else torch.cuda.current_device()):
+            cap = torch.cuda.get_device_capability(device)
+            return f"GPU compute capability {cap[0]}.{cap[1]} < 8.9: no FP8 tensor cores"
+        return fp8_native.supported(self.in_features, self.out_features, self.weight.dtype,
+                                    self.weight_args.strategy, self.input_kind)
+
+    def _native_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self._native_decided:
+            self._native_reason = self.native_reason(x.device)
+            self._native_decided = True
+            if self.native and self._native_reason:
+                raise RuntimeError(f"native FP8 was required but cannot run: {self._native_reason}")
+        if self._native_reason is not None:
+            return None
+        from lowbit.kernels import fp8_native
+
+        tensorwise = self.weight_args.strategy == "tensor" and self.input_kind in ("static", "tensor")
+        # scales change only through set_input_scale (which drops this cache) or by loading new
+        # tensors (new storage): their addresses identify them (inference tensors have no version)
+        key = (self.weight_scale.data_ptr(), 0 if self.input_scale is None else self.input_scale.data_ptr())
+        if self._native_scales is None or self._native_scales[0] != key:
+            ws = self.weight_scale.float().reshape(1, -1)
+            ws = ws.reshape(1, 1) if tensorwise else ws.expand(1, self.out_features).contiguous()
+            xs = None if self.input_scale is None else self.input_scale.float().reshape(())
+            self._native_scales = (key, ws, xs)
+        _, ws, xs = self._native_scales
+        return fp8_native.fp8_linear(x, self.weight, ws, xs, self.input_kind or "static", self.bias,
+                                     tensorwise=tensorwise)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.native is not False and self.quantize_inputs and not (
+            torch.is_grad_enabled() and x.requires_grad
+        ):
+            y = self._native_forward(x)
+            if y is not None:
+                return y
         x = self.quantize_input(x)
         w = self._w_cache if self._w_cache is not None and self._w_cache.dtype == x.dtype else None
-        return F.linear(x, w if w is not None else self.dequantized_weight(x.dtype), self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w if w is not None else self.dequantized_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         w, a = self.weight_args, self.input_args
