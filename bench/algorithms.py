@@ -1,7 +1,7 @@
 """Beyond round-to-nearest on smollm2-135m (issue 6): GPTQ, SmoothQuant and AWQ for static FP8,
 W8A8-INT8 and W4A16, against llm-compressor's GPTQ on the same calibration windows, in one run.
 
-    .venv/bin/python bench/algorithms.py [--peers] [--only 'SUBSTR;...'] [--windows 40]
+    .venv/bin/python bench/algorithms.py [--peers] [--only 'LABEL;...'] [--windows 40]
 
 Calibration: the first 64 windows of 512 tokens of ../shared/data/calibration/groups_merged.txt
 (what every run, lowbit's and the peer's, sees). Evaluation: the first 40 windows of 512 tokens of
@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--peers", action="store_true", help="also run llm-compressor (installs .peers/ on first use)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib-samples", type=int, default=64)
-    ap.add_argument("--only", default=None, help="';'-separated substrings of run labels to keep")
+    ap.add_argument("--only", default=None, help="';'-separated run labels to keep (exact)")
     args = ap.parse_args()
 
     import lowbit
@@ -74,7 +74,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lowbit-bench-"))
 
     def keep(label: str) -> bool:
-        return not args.only or any(s.strip() and s.strip() in label for s in args.only.split(";"))
+        return not args.only or label in {s.strip() for s in args.only.split(";")}
 
     def run_eval(label: str, ckpt: Path, quantize_s: float, extra: dict) -> None:
         r = evaluate(ckpt, base=str(base_dir), data=str(WIKI), windows=args.windows, seq_len=512, latency=False,

@@ -214,3 +214,16 @@ def test_w8a8_int8_and_mixed_schemes_checkpoint(tmp_path: Path, tiny_model_dir: 
     base = logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))
     ours_err, theirs_err = (logits(ours) - base).abs().max().item(), (theirs - base).abs().max().item()
     assert ours_err > 1e-3 and 0.5 * ours_err < theirs_err < 1.5 * ours_err, (ours_err, theirs_err)
+
+
+def test_nan_anywhere_stops_the_save(tmp_path: Path) -> None:
+    from lowbit.checkpoint.export import save_checkpoint
+
+    model = tiny_llama(seed=2)
+    rep = quantize_model(model, get_scheme("fp8-dynamic"), None, progress=False)
+    with torch.no_grad():
+        model.get_submodule("model.layers.1.mlp.down_proj").weight_scale[3, 0] = float("nan")
+    with pytest.raises(LowbitError, match=r"down_proj.weight_scale holds 1 NaN"):
+        save_checkpoint(model, None, tmp_path / "q", scheme=get_scheme("fp8-dynamic"), ignore=rep.ignored,
+                        provenance={})
+    assert not (tmp_path / "q").exists()

@@ -137,6 +137,15 @@ def checkpoint_tensors(model: nn.Module, layout: Layout, tie_word_embeddings: bo
     return out
 
 
+def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to write NaN or Inf anywhere (weights, FP8 codes, scales): a reader would load them
+    silently. Checked before anything is written."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+            bad = int((~torch.isfinite(t.float())).sum())
+            raise LowbitError(f"{name} holds {bad} NaN or Inf value(s); refusing to write the checkpoint")
+
+
 def save_checkpoint(
     model: nn.Module,
     tokenizer: Any,
@@ -159,6 +168,7 @@ def save_checkpoint(
     config.pop("quantization_config", None)
     config["quantization_config"] = qconfig
     tensors = checkpoint_tensors(model, layout, bool(config.get("tie_word_embeddings", False)))
+    check_finite(tensors)
     with atomic_directory(output, overwrite) as tmp:
         save_tensors(tensors, tmp, metadata={"lowbit_scheme": scheme.name, "lowbit_layout": layout})
         write_json(tmp / "config.json", config)
