@@ -95,7 +95,7 @@ def quantize(
     group_size: int | None = None,
     algorithm: str = "rtn",
     gptq_damp: float = 0.01,
-    gptq_actorder: bool = False,
+    gptq_actorder: bool | None = None,
     smoothquant_alpha: float = 0.5,
 ) -> QuantizeResult:
     """Quantize `model` (default: the built-in smollm2-135m) and write the checkpoint to `output`.

@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                         "ones before it: GPTQ error compensation, SmoothQuant outlier migration (W8A8), AWQ "
                         "activation-aware scales (weight-only), or a chain of two")
     q.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ: fraction of mean(diag H) added to H's diagonal")
-    q.add_argument("--actorder", action="store_true", help="GPTQ: round columns by decreasing input energy")
+    q.add_argument("--actorder", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: round columns by decreasing input energy (default: on for weights in groups)")
     q.add_argument("--smoothquant-alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1]")
     q.add_argument("--plan-windows", type=_positive, default=2,
                    help="calibration samples on which the KL of each layer is measured for the plan")
