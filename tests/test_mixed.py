@@ -11,7 +11,7 @@ import torch
 
 import lowbit
 from lowbit.algorithms.mixed import KEEP, plan, unit_name
-from lowbit.algorithms.ptq import quantize_model
+from lowbit.algorithms.ptq import PTQReport, quantize_model
 from lowbit.analysis.attribution import attribute_kl
 from lowbit.errors import LowbitError
 from lowbit.nn import QuantLinear
@@ -86,12 +86,17 @@ def test_bad_budgets(kwargs: dict, msg: str) -> None:
         plan(one(), PARAMS, kl_all=0.009, primary="fp8", **kwargs)
 
 
-def test_attribution_on_a_tiny_model() -> None:
+def _quantized_tiny() -> tuple[torch.nn.Module, torch.nn.Module, PTQReport, torch.Tensor]:
+    """(original, static-FP8 copy, its PTQ report, two attribution windows) of the tiny Llama."""
     base = tiny_llama(seed=1)
     q = copy.deepcopy(base)
     samples = [torch.randint(3, 300, (32,)) for _ in range(4)]
     rep = quantize_model(q, get_scheme("fp8"), samples, progress=False)
-    windows = torch.stack(samples[:2])
+    return base, q, rep, torch.stack(samples[:2])
+
+
+def test_attribution_on_a_tiny_model() -> None:
+    base, q, rep, windows = _quantized_tiny()
     a = attribute_kl(base, q, windows, progress=False)
     assert set(a.per_layer) == set(rep.targets)
     assert a.kl_all > 0 and all(v >= 0 for v in a.per_layer.values()) and a.sum_of_layers > 0
@@ -107,11 +112,7 @@ def test_attribution_runs_in_float32_whatever_the_model_dtype() -> None:
     """In bf16 any perturbation re-rounds every later activation and costs a KL floor as large as a
     layer's FP8 error (0.0018 on smollm2-135m), so attribution upcasts: a bf16 model and its float32
     copy must give the same numbers, and fused shards measured together cost more than any alone."""
-    base = tiny_llama(seed=1)
-    q = copy.deepcopy(base)
-    samples = [torch.randint(3, 300, (32,)) for _ in range(4)]
-    rep = quantize_model(q, get_scheme("fp8"), samples, progress=False)
-    windows = torch.stack(samples[:2])
+    base, q, rep, windows = _quantized_tiny()
     a = attribute_kl(base, q, windows, progress=False)
     b = attribute_kl(copy.deepcopy(base).float(), q, windows, progress=False)
     assert a.per_layer == b.per_layer and a.kl_all == b.kl_all
