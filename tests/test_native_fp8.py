@@ -122,3 +122,72 @@ def test_a_model_gives_the_same_predictions_natively() -> None:
     lp, lq = torch.log_softmax(emu, -1), torch.log_softmax(nat, -1)
     kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
     assert kl < 1e-3 and (nat.argmax(-1) == emu.argmax(-1)).float().mean() > 0.95, kl
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize(("scheme", "strategy"), [("fp8", "channel"), ("fp8", "tensor"), ("fp8-dynamic", "channel")])
+def test_fused_siblings_give_the_unfused_outputs(scheme: str, strategy: str) -> None:
+    # one GEMM over the concatenated q/k/v codes against three: same codes, same scales, cuBLAS may
+    # block the sums differently; tolerance 0.5% of the logits' RMS (float32 accumulation both ways)
+    from lowbit.nn.fused import fuse_quantized
+
+    base = tiny_llama(seed=5, hidden_size=128, intermediate_size=256).cuda().to(torch.bfloat16)
+    m = copy.deepcopy(base)
+    quantize_model(m, get_scheme(scheme, weight_strategy=strategy), [torch.randint(3, 300, (64,)) for _ in range(2)],
+                   progress=False)
+    # the GEMV path (decode), one wide _scaled_mm, and (over FUSED_GEMM_MAX_ROWS rows) one shared
+    # quantization with a GEMM per shard
+    for batch, rows in ((1, 2), (1, 40), (4, 200)):
+        ids = torch.randint(3, 300, (batch, rows)).cuda()
+        with torch.inference_mode():
+            ref = m(input_ids=ids).logits.float()
+            f = copy.deepcopy(m)
+            assert fuse_quantized(f) == 4
+            got = f(input_ids=ids).logits.float()
+        err = (got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()
+        assert err < 0.005, (batch, rows, float(err))
+
+
+@needs_fp8_gpu
+def test_fast_accumulation_stays_close_to_float32_promotion() -> None:
+    # Hopper's fast FP8 accumulation (vLLM's default) against promoted float32 sums, K = 4096:
+    # tolerance 0.5% of the output RMS (both are far below the FP8 rounding of the inputs, ~3%)
+    q = qlinear(4096, 1024, "fp8", "channel")
+    x = torch.randn(256, 4096, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16).cuda()
+    with torch.inference_mode():
+        fast = q(x).float()
+        q.fast_accum = False
+        precise = q(x).float()
+    err = (fast - precise).pow(2).mean().sqrt() / precise.pow(2).mean().sqrt()
+    assert err < 0.005, float(err)
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize(("scheme", "strategy"), [("fp8", "channel"), ("fp8", "tensor"), ("fp8-dynamic", "channel")])
+def test_compiled_linear_matches_eager(scheme: str, strategy: str) -> None:
+    # torch.compile traces the torch-op quantization (inductor fuses it into the op before it); same
+    # formula, but inductor's division may round a value at a code boundary the other way:
+    # 1% of the output RMS (the eager native-vs-emulated bar)
+    q = qlinear(2048, 1024, scheme, strategy)
+    x = (torch.randn(64, 2048, generator=torch.Generator().manual_seed(7)) * 2).to(torch.bfloat16).cuda()
+    with torch.inference_mode():
+        eager = q(x).float()
+        compiled = torch.compile(q)(x).float()
+    err = (compiled - eager).pow(2).mean().sqrt() / eager.pow(2).mean().sqrt()
+    assert err < 0.01, float(err)
+
+
+@needs_fp8_gpu
+def test_compiled_model_gives_the_eager_predictions() -> None:
+    # whole model: inductor also fuses (and rounds once) the bf16 norms and activations, and any
+    # moved value can cross an FP8 code boundary; the bar of the native-vs-emulated model test
+    base = tiny_llama(seed=6, hidden_size=128, intermediate_size=256).cuda()
+    m = copy.deepcopy(base)
+    quantize_model(m, get_scheme("fp8"), [torch.randint(3, 300, (64,)) for _ in range(2)], progress=False)
+    ids = torch.randint(3, 300, (2, 64)).cuda()
+    with torch.inference_mode():
+        eager = m(input_ids=ids).logits.float()
+        compiled = torch.compile(m)(input_ids=ids).logits.float()
+    lp, lq = torch.log_softmax(eager, -1), torch.log_softmax(compiled, -1)
+    kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    assert kl < 1e-3 and (compiled.argmax(-1) == eager.argmax(-1)).float().mean() > 0.95, kl

@@ -115,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-batches", default="1,32")
     b.add_argument("--decode-steps", type=_positive, default=64)
     b.add_argument("--gemm", action="store_true", help="also the GEMM-level table (4096^3, 8192^3, ...)")
+    b.add_argument("--no-fuse", action="store_true",
+                   help="lowbit: run q/k/v and gate/up as separate GEMMs (default: fused, as vLLM and lowbit.load run them)")
+    b.add_argument("--compile", action="store_true",
+                   help="time prefill of every variant (bf16 too) under torch.compile; decode stays on CUDA graphs")
+    b.add_argument("--precise-accum", action="store_true",
+                   help="lowbit: promote FP8 partial sums to float32 (default: Hopper's fast accumulation, as vLLM)")
     b.add_argument("--json", type=Path, default=None, help="also write every number to this file")
 
     e = sub.add_parser("eval", parents=[common], help="base vs quantized: perplexity, KL, top-1, size, latency")
@@ -285,7 +291,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         base, _, src = load_model(args.model, dtype=torch.bfloat16, device="cuda")
         name = str(src)
     result = run_bench(base, variants=variants, prefill_points=points, decode_batches=batches,
-                       decode_steps=args.decode_steps, progress=not args.quiet)
+                       decode_steps=args.decode_steps, progress=not args.quiet, fuse=not args.no_fuse,
+                       fast_accum=not args.precise_accum, compile_prefill=args.compile)
     result["model"] = name
     if args.gemm:
         result["gemm"] = gemm_table()
@@ -302,6 +309,11 @@ def format_bench(r: dict[str, Any]) -> str:
     rows = r["rows"]
     base = next((x for x in rows if x["variant"] == "bf16"), None)
     lines = [f"{r['model']} on {r['gpu']} (torch {r['torch']})", ""]
+    if "lowbit_fused" in r:
+        lines[0] += (f"; lowbit: {'fused q/k/v and gate/up' if r['lowbit_fused'] else 'unfused'}, "
+                     f"{'fast' if r['lowbit_fast_accum'] else 'float32-promoted'} FP8 accumulation")
+    if r.get("prefill_compiled"):
+        lines[0] += "; prefill under torch.compile (every variant)"
     head = ["variant", "model GiB", "peak GiB"]
     head += [f"prefill {p['batch']}x{p['length']} ms" for p in rows[0]["prefill"]]
     head += [f"decode b{d['batch']} ms/tok (p50/p99)" for d in rows[0]["decode"]]
@@ -333,12 +345,15 @@ def format_bench(r: dict[str, Any]) -> str:
         lines.append(f"{v}: skipped ({why})")
     if r.get("gemm"):
         lines += ["", "GEMM level (CUDA graph replays; speedup against bf16):", "",
-                  "| M x K x N | bf16 ms | lowbit FP8 static per-tensor | lowbit FP8 dynamic per-token | "
-                  "bare _scaled_mm | torchao row-wise | torchao tensor-wise |", "|---|---|---|---|---|---|---|"]
+                  "| M x K x N | bf16 ms | lowbit FP8 static per-tensor | (precise accumulation) | "
+                  "lowbit FP8 dynamic per-token | bare _scaled_mm | (precise) | torchao row-wise | torchao tensor-wise |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        keys = ("fp8_static_tensor_speedup", "fp8_static_tensor_precise_speedup", "fp8_dynamic_row_speedup",
+                "scaled_mm_only_speedup", "scaled_mm_only_precise_speedup", "torchao-rowwise_speedup",
+                "torchao-tensorwise_speedup")
         for g in r["gemm"]:
-            tao = [f"{g[k]:.2f}x" if k in g else "-" for k in ("torchao-rowwise_speedup", "torchao-tensorwise_speedup")]
-            lines.append(f"| {g['M']}x{g['K']}x{g['N']} | {g['bf16_ms']:.3f} | {g['fp8_static_tensor_speedup']:.2f}x | "
-                         f"{g['fp8_dynamic_row_speedup']:.2f}x | {g['scaled_mm_only_speedup']:.2f}x | {tao[0]} | {tao[1]} |")
+            cells = [f"{g[k]:.2f}x" if k in g else "-" for k in keys]
+            lines.append(f"| {g['M']}x{g['K']}x{g['N']} | {g['bf16_ms']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

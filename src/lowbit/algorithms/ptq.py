@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from lowbit.errors import LowbitError
 from lowbit.eval.metrics import model_device
 from lowbit.nn import QuantLinear
+from lowbit.nn.fused import apply_fusion_rules
 from lowbit.observers import Observer, make_observer
 from lowbit.scheme import Scheme
 from lowbit.targets import DEFAULT_IGNORE, select_linears, set_submodule
@@ -31,12 +32,15 @@ class PTQReport:
     ignored: list[str]
     tokens_seen: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    # shards whose scales were unified with their fused siblings' (`lowbit.nn.fused.apply_fusion_rules`)
+    fusion_unified: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "quantized_modules": len(self.targets),
             "ignored": self.ignored,
             "tokens_seen_min": min(self.tokens_seen.values()) if self.tokens_seen else None,
+            "fusion_unified": self.fusion_unified,
             "seconds": self.seconds,
         }
 
@@ -144,4 +148,5 @@ def quantize_model(
         observers = calibrate_inputs(model, samples, observer.pop(), batch_size=batch_size, progress=progress)
         report.seconds["calibration"] = time.perf_counter() - t0
         report.tokens_seen = {n: o.tokens for n, o in observers.items()}
+    report.fusion_unified = apply_fusion_rules(model)  # what vLLM's fused q/k/v and gate/up will run
     return report

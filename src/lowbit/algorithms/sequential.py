@@ -35,6 +35,7 @@ from lowbit.algorithms.ptq import PTQReport
 from lowbit.errors import LowbitError
 from lowbit.formats import fake_quantize
 from lowbit.nn import QuantLinear, weight_scale
+from lowbit.nn.fused import apply_fusion_rules
 from lowbit.observers import Observer, make_observer
 from lowbit.scheme import Scheme
 from lowbit.targets import DEFAULT_IGNORE, select_linears, set_submodule
@@ -228,6 +229,7 @@ def quantize_sequential(
                 raise LowbitError(f"{t} is outside the decoder layers: a static input scale for it needs --ignore {t} "
                                   "or a dynamic scheme")
             set_submodule(model, t, QuantLinear.from_linear(lin, s.weights, s.input_activations, scale_dtype))
+    report.fusion_unified = apply_fusion_rules(model)  # what vLLM's fused q/k/v and gate/up will run
     if device.type == "cuda":
         report.peak_bytes = torch.cuda.max_memory_allocated(device)
     return report

@@ -133,6 +133,8 @@ def checkpoint_tensors(model: nn.Module, layout: Layout, tie_word_embeddings: bo
                 out[f"{module}.weight_packed"] = pack_intn_to_int32(t, qm.weight_args.num_bits)
                 out[f"{module}.weight_shape"] = torch.tensor(list(t.shape), dtype=torch.int64)
                 continue
+            if qm._fusion is not None:  # a view of a fused weight (`lowbit.nn.fused`): safetensors wants its own
+                t = t.clone()
         out[key] = t
     return out
 

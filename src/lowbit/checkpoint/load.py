@@ -21,6 +21,7 @@ from lowbit.checkpoint.io import load_tensors
 from lowbit.errors import LowbitError
 from lowbit.formats.packing import unpack_int32_to_intn
 from lowbit.nn import QuantLinear
+from lowbit.nn.fused import fuse_quantized
 from lowbit.scheme import QuantArgs, Scheme
 from lowbit.targets import set_submodule
 
@@ -199,11 +200,13 @@ def _unpack(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, tor
     return out
 
 
-def load(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+def load(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         fuse: bool | None = None) -> nn.Module:
     """A runnable model from a checkpoint directory (quantized or not), in eval mode.
 
     On the CPU (and GPUs without FP8 tensor cores) FP8 layers run the emulated forward with the
-    exact E4M3 rounding of the hardware formats.
+    exact E4M3 rounding of the hardware formats. On a CUDA device, fused siblings (q/k/v, gate/up)
+    run as one layer each, as vLLM runs them (`lowbit.nn.fused`); `fuse` forces it on or off.
     """
     path = Path(path)
     model, scheme = build_quantized_model(path, dtype)
@@ -235,6 +238,10 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: t
         if torch.device(device).type == "cuda":
             summary = native_summary(model, torch.device(device))
             log.log(logging.WARNING if summary["emulated"] else logging.INFO, summary["message"])
+    if fuse if fuse is not None else (device is not None and torch.device(device).type == "cuda"):
+        n = fuse_quantized(model)
+        if n:
+            log.info("fused %d groups of sibling layers (q/k/v, gate/up) into one GEMM each", n)
     return model
 
 

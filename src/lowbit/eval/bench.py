@@ -107,7 +107,8 @@ def prefill(model: Any, batch: int, length: int, vocab: int, reps: int = 10,
             energy: _Energy | None = None) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, length), generator=gen).cuda()
-    kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    fwd_sig = inspect.signature(getattr(model, "_orig_mod", model).forward).parameters  # compiled or not
+    kw = {"logits_to_keep": 1} if "logits_to_keep" in fwd_sig else {}
 
     def fwd() -> Any:
         return model(input_ids=ids, use_cache=False, **kw)
@@ -199,8 +200,10 @@ def decode(model: Any, batch: int, vocab: int, prompt: int = 128, steps: int = 6
     return out
 
 
-def make_variant(base: Any, variant: str, *, calib: list[torch.Tensor] | None = None) -> Any:
-    """A copy of `base` (bf16, on CUDA) in the variant's form."""
+def make_variant(base: Any, variant: str, *, calib: list[torch.Tensor] | None = None, fuse: bool = True,
+                 fast_accum: bool = True) -> Any:
+    """A copy of `base` (bf16, on CUDA) in the variant's form; lowbit variants with q/k/v and gate/up
+    fused (`fuse`, as `lowbit.load` runs them on a GPU) and Hopper's fast FP8 accumulation."""
     if variant == "bf16":
         return base
     m = copy.deepcopy(base)
@@ -212,6 +215,14 @@ def make_variant(base: Any, variant: str, *, calib: list[torch.Tensor] | None = 
                           "lowbit-fp8-dynamic": ("fp8-dynamic", "channel")}[variant]
         scheme = get_scheme(name, weight_strategy=strategy, weight_observer="minmax")
         quantize_model(m, scheme, calib, progress=False)
+        from lowbit.nn import QuantLinear
+        from lowbit.nn.fused import fuse_quantized
+
+        for q in m.modules():
+            if isinstance(q, QuantLinear):
+                q.fast_accum = fast_accum
+        if fuse:
+            fuse_quantized(m)
         return m
     if variant.startswith("torchao-"):
         from torchao.quantization import (
@@ -250,6 +261,9 @@ def run_bench(
     decode_batches: tuple[int, ...] = DECODE_BATCHES,
     decode_steps: int = 64,
     progress: bool = True,
+    fuse: bool = True,
+    fast_accum: bool = True,
+    compile_prefill: bool = False,
 ) -> dict[str, Any]:
     """Every variant of `base` (a bf16 causal LM on CUDA), measured in turn; see the module docstring."""
     if not torch.cuda.is_available():
@@ -263,7 +277,7 @@ def run_bench(
     rows = []
     for v in names:
         t0 = time.perf_counter()
-        m = make_variant(base, v, calib=calib)
+        m = make_variant(base, v, calib=calib, fuse=fuse, fast_accum=fast_accum)
         build_s = time.perf_counter() - t0
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -273,8 +287,9 @@ def run_bench(
 
             row["native"] = native_summary(m, torch.device("cuda"))["message"]
         row["prefill"] = []
+        pm = torch.compile(m) if compile_prefill else m
         for b, length in prefill_points:
-            r = prefill(m, b, length, vocab, energy=energy)
+            r = prefill(pm, b, length, vocab, energy=energy)
             row["prefill"].append(r)
             if progress:
                 log.info("%s prefill %dx%d: %.2f ms", v, b, length, r["mean_ms"])
@@ -291,7 +306,8 @@ def run_bench(
             del m
         torch.cuda.empty_cache()
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "skipped": skipped,
-            "energy_readable": energy.handle is not None}
+            "energy_readable": energy.handle is not None, "lowbit_fused": fuse, "lowbit_fast_accum": fast_accum,
+            "prefill_compiled": compile_prefill}
 
 
 @torch.inference_mode()
@@ -309,9 +325,12 @@ def gemm_table(sizes: tuple[tuple[int, int, int], ...] = ((4096, 4096, 4096), (8
         lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
         bf16 = _graph_ms(functools.partial(lin, x))
         row = {"M": m_, "K": k, "N": n, "bf16_ms": bf16}
-        for label, scheme, strategy in (("fp8_static_tensor", "fp8", "tensor"), ("fp8_dynamic_row", "fp8-dynamic", "channel")):
+        for label, scheme, strategy, fast in (("fp8_static_tensor", "fp8", "tensor", True),
+                                              ("fp8_static_tensor_precise", "fp8", "tensor", False),
+                                              ("fp8_dynamic_row", "fp8-dynamic", "channel", True)):
             s = get_scheme(scheme, weight_strategy=strategy, weight_observer="minmax")
             q = QuantLinear.from_linear(lin, s.weights, s.input_activations, torch.bfloat16)
+            q.fast_accum = fast
             if q.input_scale is not None:
                 q.set_input_scale(x.abs().amax().float())
             row[f"{label}_ms"] = _graph_ms(functools.partial(q, x))
@@ -319,9 +338,10 @@ def gemm_table(sizes: tuple[tuple[int, int, int], ...] = ((4096, 4096, 4096), (8
         xq = x.to(torch.float8_e4m3fn)
         wq = lin.weight.to(torch.float8_e4m3fn)
         one = torch.ones((), device="cuda")
-        row["scaled_mm_only_ms"] = _graph_ms(
-            functools.partial(torch._scaled_mm, xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
-        row["scaled_mm_only_speedup"] = bf16 / row["scaled_mm_only_ms"]
+        for label, fast in (("scaled_mm_only", True), ("scaled_mm_only_precise", False)):
+            row[f"{label}_ms"] = _graph_ms(functools.partial(torch._scaled_mm, xq, wq.t(), scale_a=one, scale_b=one,
+                                                             out_dtype=torch.bfloat16, use_fast_accum=fast))
+            row[f"{label}_speedup"] = bf16 / row[f"{label}_ms"]
         for v in ("torchao-rowwise", "torchao-tensorwise"):
             if available_variants((v,))[0]:
                 wrapped = make_variant(torch.nn.Sequential(lin), v)

@@ -162,6 +162,48 @@ def supported(in_features: int, out_features: int, weight_dtype: torch.dtype, we
     return None
 
 
+def quantize_input(x2: torch.Tensor, input_scale: torch.Tensor | None, input_kind: str,
+                   *, traceable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 (M, K) contiguous -> (E4M3 codes (M, K), float32 scale: scalar, or (M, 1) per token).
+
+    traceable: plain torch ops instead of the Triton kernels, for torch.compile, which then fuses the
+    quantization into the op that produced x (an RMSNorm, SiLU * up); same formula, and inductor keeps
+    the division, but its codegen is not checked bit for bit against the emulation.
+    """
+    if input_kind == "token":
+        if not traceable:
+            return quantize_per_token(x2)
+        s = (x2.abs().amax(-1, keepdim=True).float() / E4M3_MAX).clamp_min(MIN_SCALE)
+    elif input_kind == "tensor":  # dynamic per tensor: one reduction, then the static kernel
+        s = (x2.abs().amax().float() / E4M3_MAX).clamp_min(MIN_SCALE)
+    else:
+        assert input_scale is not None
+        s = input_scale
+    if traceable:
+        return (x2.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), s
+    return quantize_static(x2, s), s.reshape(())
+
+
+def scaled_matmul(xq: torch.Tensor, sa: torch.Tensor, weight: torch.Tensor, weight_scale_row: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype, *, tensorwise: bool, fast_accum: bool = True,
+                  gemv_ok: bool = True) -> torch.Tensor:
+    """(M, K) E4M3 codes with scale sa, times weight (N, K) E4M3 with scales weight_scale_row (1, N)
+    (or (1, 1) when `tensorwise`) -> (M, N) in out_dtype. See `fp8_linear`."""
+    if gemv_ok and xq.shape[0] <= GEMV_MAX_ROWS:
+        y = gemv(xq, weight, sa, weight_scale_row, out_dtype)
+    elif tensorwise:
+        y = torch._scaled_mm(xq, weight.t(), scale_a=sa.reshape(()), scale_b=weight_scale_row.reshape(()),
+                             out_dtype=out_dtype, use_fast_accum=fast_accum)
+    else:
+        if sa.numel() == 1:  # row-wise scaling takes one scale per row
+            sa = sa.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
+        y = torch._scaled_mm(xq, weight.t(), scale_a=sa, scale_b=weight_scale_row, out_dtype=torch.bfloat16,
+                             use_fast_accum=fast_accum)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(out_dtype)
+
+
 def fp8_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -171,36 +213,24 @@ def fp8_linear(
     bias: torch.Tensor | None,
     *,
     tensorwise: bool,
+    fast_accum: bool = True,
+    traceable: bool = False,
 ) -> torch.Tensor:
     """y (..., N) in x's dtype.
 
     weight: (N, K) E4M3, row-major; weight_scale_row: float32 (1, N) (or (1, 1) when `tensorwise`);
     input_scale: float32 scalar tensor for static inputs; input_kind "static" | "token" | "tensor".
     tensorwise: per-tensor weight scale and a per-tensor input scale: one scalar each.
+    fast_accum: Hopper's fast FP8 accumulation (partial sums kept in the tensor cores' own precision,
+    not promoted to float32 along K), what vLLM's CUTLASS FP8 kernels use on sm90
+    (`KernelTmaWarpSpecializedPingpongFP8FastAccum`); False promotes, slower and closer to float32.
+    traceable: torch ops only (no Triton launches), for torch.compile.
     """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    if input_kind == "token":
-        xq, sa = quantize_per_token(x2)
-    else:
-        if input_kind == "tensor":  # dynamic per tensor: one reduction, then the static kernel
-            s = (x2.abs().amax().float() / E4M3_MAX).clamp_min(MIN_SCALE)
-        else:
-            assert input_scale is not None
-            s = input_scale
-        xq = quantize_static(x2, s)
-        sa = s.reshape(())
-    out_dtype = x.dtype if tensorwise else torch.bfloat16
-    if x2.shape[0] <= GEMV_MAX_ROWS:
-        y = gemv(xq, weight, sa, weight_scale_row, x.dtype)
-    elif tensorwise:
-        y = torch._scaled_mm(xq, weight.t(), scale_a=sa, scale_b=weight_scale_row.reshape(()), out_dtype=out_dtype)
-    else:
-        if sa.numel() == 1:  # row-wise scaling takes one scale per row
-            sa = sa.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
-        y = torch._scaled_mm(xq, weight.t(), scale_a=sa, scale_b=weight_scale_row, out_dtype=out_dtype)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+    xq, sa = quantize_input(x2, input_scale, input_kind, traceable=traceable)
+    y = scaled_matmul(xq, sa, weight, weight_scale_row, bias, x.dtype, tensorwise=tensorwise, fast_accum=fast_accum,
+                      gemv_ok=not traceable)
+    return y.reshape(*shape[:-1], weight.shape[0])

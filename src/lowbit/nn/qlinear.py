@@ -8,6 +8,8 @@ behind the same module without changing its state.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,6 +92,10 @@ class QuantLinear(nn.Module):
         self._native_reason: str | None = None
         self._native_decided = False
         self._native_scales: tuple[tuple[int, int], torch.Tensor, torch.Tensor | None] | None = None
+        # Hopper's fast FP8 accumulation in the native GEMM, as vLLM's FP8 kernels run it
+        self.fast_accum = True
+        # (group, index) when this layer is a shard of a fused q/k/v or gate/up (`lowbit.nn.fused`)
+        self._fusion: tuple[Any, int] | None = None
 
     @classmethod
     def from_linear(
@@ -180,30 +186,77 @@ class QuantLinear(nn.Module):
         return fp8_native.supported(self.in_features, self.out_features, self.weight.dtype,
                                     self.weight_args.strategy, self.input_kind)
 
-    def _native_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _native_ready(self, x: torch.Tensor) -> bool:
+        """Decide once (on the first CUDA call) whether this layer runs natively."""
         if not self._native_decided:
             self._native_reason = self.native_reason(x.device)
             self._native_decided = True
             if self.native and self._native_reason:
                 raise RuntimeError(f"native FP8 was required but cannot run: {self._native_reason}")
-        if self._native_reason is not None:
-            return None
-        from lowbit.kernels import fp8_native
+        return self._native_reason is None
 
-        tensorwise = self.weight_args.strategy == "tensor" and self.input_kind in ("static", "tensor")
-        # scales change only through set_input_scale (which drops this cache) or by loading new
-        # tensors (new storage): their addresses identify them (inference tensors have no version)
+    @property
+    def _tensorwise(self) -> bool:
+        return self.weight_args.strategy == "tensor" and self.input_kind in ("static", "tensor")
+
+    def _native_constants(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight scales (1, N) or (1, 1) float32, static input scale () float32 or None), cached:
+        scales change only through set_input_scale (which drops the cache) or by loading new tensors
+        (new storage): their addresses identify them (inference tensors have no version counter)."""
         key = (self.weight_scale.data_ptr(), 0 if self.input_scale is None else self.input_scale.data_ptr())
         if self._native_scales is None or self._native_scales[0] != key:
             ws = self.weight_scale.float().reshape(1, -1)
-            ws = ws.reshape(1, 1) if tensorwise else ws.expand(1, self.out_features).contiguous()
+            ws = ws.reshape(1, 1) if self._tensorwise else ws.expand(1, self.out_features).contiguous()
             xs = None if self.input_scale is None else self.input_scale.float().reshape(())
             self._native_scales = (key, ws, xs)
-        _, ws, xs = self._native_scales
+        return self._native_scales[1], self._native_scales[2]
+
+    def _native_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        from lowbit.kernels import fp8_native
+
+        if torch.compiler.is_compiling():  # torch ops only, no Python-side caches: inductor fuses the quantization
+            if self.native_reason(x.device) is not None:
+                return None
+            ws = self.weight_scale.float().reshape(1, -1)
+            ws = ws.reshape(1, 1) if self._tensorwise else ws.expand(1, self.out_features)
+            xs = None if self.input_scale is None else self.input_scale.float().reshape(())
+            return fp8_native.fp8_linear(x, self.weight, ws, xs, self.input_kind or "static", self.bias,
+                                         tensorwise=self._tensorwise, fast_accum=self.fast_accum, traceable=True)
+        if not self._native_ready(x):
+            return None
+        ws, xs = self._native_constants()
         return fp8_native.fp8_linear(x, self.weight, ws, xs, self.input_kind or "static", self.bias,
-                                     tensorwise=tensorwise)
+                                     tensorwise=self._tensorwise, fast_accum=self.fast_accum)
+
+    def native_split_forward(self, x: torch.Tensor, splits: list[int]) -> list[torch.Tensor] | None:
+        """This layer's output in row blocks of `splits` (sizes along out_features), each from its own
+        GEMM over one shared quantization of x: for many rows, separate contiguous outputs cost less
+        than slicing one wide result. None where the native path does not run."""
+        if not (x.is_cuda and self.native is not False and self._native_ready(x)):
+            return None
+        from lowbit.kernels import fp8_native
+
+        ws, xs = self._native_constants()
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        xq, sa = fp8_native.quantize_input(x2, xs, self.input_kind or "static")
+        outs, off = [], 0
+        for n in splits:
+            w_s = ws if self._tensorwise else ws[:, off: off + n]
+            b = None if self.bias is None else self.bias[off: off + n]
+            y = fp8_native.scaled_matmul(xq, sa, self.weight[off: off + n], w_s, b, x.dtype,
+                                         tensorwise=self._tensorwise, fast_accum=self.fast_accum)
+            outs.append(y.reshape(*shape[:-1], n))
+            off += n
+        return outs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fusion is not None and self.quantize_inputs and not (
+            torch.is_grad_enabled() and x.requires_grad
+        ) and not torch.compiler.is_compiling():
+            y = self._fusion[0].output(self._fusion[1], x)
+            if y is not None:
+                return y
         if x.is_cuda and self.native is not False and self.quantize_inputs and not (
             torch.is_grad_enabled() and x.requires_grad
         ):
