@@ -16,6 +16,7 @@ from lowbit import __version__
 from lowbit.algorithms.ptq import PTQReport, quantize_model
 from lowbit.calibration.data import CalibConfig, load_calibration
 from lowbit.checkpoint.export import Layout, save_checkpoint
+from lowbit.checkpoint.integrity import gate_findings
 from lowbit.checkpoint.io import check_output, dir_bytes
 from lowbit.errors import LowbitError
 from lowbit.models import load_model
@@ -97,6 +98,8 @@ def quantize(
     gptq_damp: float = 0.01,
     gptq_actorder: bool | None = None,
     smoothquant_alpha: float = 0.5,
+    calibrate_all_experts: bool = False,
+    allow_partial: bool = False,
 ) -> QuantizeResult:
     """Quantize `model` (default: the built-in smollm2-135m) and write the checkpoint to `output`.
 
@@ -128,7 +131,8 @@ def quantize(
     )
     from lowbit.algorithms.sequential import SequentialOptions
 
-    seq = SequentialOptions(algorithm, damp=gptq_damp, actorder=gptq_actorder, alpha=smoothquant_alpha, device=device)
+    seq = SequentialOptions(algorithm, damp=gptq_damp, actorder=gptq_actorder, alpha=smoothquant_alpha, device=device,
+                            calibrate_all_experts=calibrate_all_experts)
     cands = [recipe, *(get_scheme(c) for c in candidates or () if c != recipe.name)]
     if candidates and not (keep_fraction is not None or budget_kl is not None):
         raise LowbitError("--candidates chooses a scheme per layer within a mixed-precision plan: add --keep-fraction or --budget-kl")
@@ -143,6 +147,7 @@ def quantize(
     t0 = time.perf_counter()
     net, tokenizer, source = load_model(model, device=device)
     seconds["load"] = time.perf_counter() - t0
+    base_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     calib_summary = None
     samples = None
     mixed = keep_fraction is not None or budget_kl is not None
@@ -166,7 +171,8 @@ def quantize(
     report: PTQReport
     if algorithm == "rtn":
         report = quantize_model(
-            net, recipe, samples, ignore=ignore, batch_size=batch_size, progress=progress, overrides=overrides
+            net, recipe, samples, ignore=ignore, batch_size=batch_size, progress=progress, overrides=overrides,
+            calibrate_all_experts=calibrate_all_experts,
         )
     else:
         from lowbit.algorithms.sequential import quantize_sequential
@@ -185,10 +191,20 @@ def quantize(
         provenance["algorithm_options"] = {"gptq_damp": gptq_damp, "gptq_actorder": gptq_actorder,
                                            "smoothquant_alpha": smoothquant_alpha, "layer_by_layer": True}
         provenance["algorithm_report"] = report.to_dict()
+    provenance["base_model_bytes"] = base_bytes
+    if report.tokens_per_expert:
+        provenance["tokens_per_expert"] = report.tokens_per_expert
+        provenance["experts_without_tokens"] = report.experts_without_tokens
+        provenance["calibrate_all_experts"] = calibrate_all_experts
+
+    def gate(directory: Path, config: dict[str, Any], tensors: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+        return gate_findings(net, directory, config, tensors, targets=report.targets, ignored=report.ignored,
+                             experts_without_tokens=report.experts_without_tokens, tokenizer=tokenizer)
+
     t0 = time.perf_counter()
     save_checkpoint(
         net, tokenizer, output, scheme=recipe, ignore=report.ignored, layout=layout,
-        provenance=provenance, overwrite=overwrite,
+        provenance=provenance, overwrite=overwrite, gate=gate, allow_partial=allow_partial,
     )
     seconds["save"] = time.perf_counter() - t0
     provenance["seconds"] = {k: round(v, 3) for k, v in seconds.items()}

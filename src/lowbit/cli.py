@@ -83,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--actorder", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: round columns by decreasing input energy (default: on for weights in groups)")
     q.add_argument("--smoothquant-alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1]")
+    q.add_argument("--calibrate-all-experts", action="store_true",
+                   help="MoE: also run every expert on every calibration token (observed only; outputs unchanged), "
+                        "so rarely chosen experts get real statistics")
+    q.add_argument("--allow-partial", action="store_true",
+                   help="write the checkpoint even when the integrity gate fails, recording the failures in it")
     q.add_argument("--plan-windows", type=_positive, default=2,
                    help="calibration samples on which the KL of each layer is measured for the plan")
 
@@ -122,6 +127,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--precise-accum", action="store_true",
                    help="lowbit: promote FP8 partial sums to float32 (default: Hopper's fast accumulation, as vLLM)")
     b.add_argument("--json", type=Path, default=None, help="also write every number to this file")
+
+    c = sub.add_parser("check", parents=[common],
+                       help="integrity and vLLM compatibility of any compressed-tensors or AutoFP8 checkpoint")
+    c.add_argument("checkpoint", type=Path, help="checkpoint directory (lowbit's or anyone's)")
+    c.add_argument("--tp", default="1,2,4,8", help="tensor-parallel sizes to check the splits for")
+    c.add_argument("--json", type=Path, default=None, help="also write the report to this file")
 
     e = sub.add_parser("eval", parents=[common], help="base vs quantized: perplexity, KL, top-1, size, latency")
     e.add_argument("quantized", type=Path, help="quantized checkpoint directory")
@@ -193,7 +204,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         keep_fraction=args.keep_fraction, budget_kl=args.budget_kl, plan_windows=args.plan_windows,
         candidates=[c.strip() for c in args.candidates.split(",") if c.strip()],
         group_size=args.group_size, algorithm=args.algorithm, gptq_damp=args.gptq_damp, gptq_actorder=args.actorder,
-        smoothquant_alpha=args.smoothquant_alpha,
+        smoothquant_alpha=args.smoothquant_alpha, calibrate_all_experts=args.calibrate_all_experts,
+        allow_partial=args.allow_partial,
     )
     p = res.provenance
     recipe = p["recipe"]
@@ -222,13 +234,38 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         rows.append(["mixed precision", f"{len(mp['keep'])} layers kept in BF16 ({100 * mp['kept_fraction']:.2f}% of Linear "
                      f"weights); quantized layers: {per}"])
         rows.append(["", f"predicted KL {mp['predicted_kl']:.4f} vs {mp['kl_all_quantized']:.4f} all {mp['primary_scheme']}"])
+    rows.append(["quantized", f"{p['quantized_modules']} Linear layers; kept high precision: "
+                              f"{_short_list(p['ignored'])}"])
+    for kind, row in sorted(p.get("integrity", {}).get("coverage", {}).items()):
+        share = row["quantized_params"] / row["targeted_params"] if row["targeted_params"] else 1.0
+        rows.append(["", f"{kind}: {row['quantized_params']:,} of {row['targeted_params']:,} targeted parameters "
+                         f"({100 * share:.1f}%)"])
+    if p.get("tokens_per_expert"):
+        counts = [c for cs in p["tokens_per_expert"].values() for c in cs]
+        rows.append(["experts", f"{len(counts)} experts in {len(p['tokens_per_expert'])} layers; calibration tokens "
+                                f"routed per expert: min {min(counts)}, max {max(counts)}"
+                                + (", every expert also saw every token" if p.get("calibrate_all_experts") else "")])
+        if p.get("experts_without_tokens"):
+            rows.append(["", f"{len(p['experts_without_tokens'])} expert projections saw no token and take their "
+                             f"layer's largest input scale (e.g. {p['experts_without_tokens'][0]})"])
+    failures = p.get("integrity", {}).get("failures") or []
+    rows.append(["integrity", "passed" if not failures else f"FAILED {len(failures)} check(s), written anyway "
+                                                          "(--allow-partial): " + "; ".join(failures)])
+    base = p.get("base_model_bytes")
+    size = f"{res.output} ({p['checkpoint_bytes'] / 2**20:.1f} MiB"
+    size += f", {p['checkpoint_bytes'] / base:.2f}x the original's {base / 2**20:.1f} MiB)" if base else ")"
     rows += [
-        ["quantized", f"{p['quantized_modules']} Linear layers; kept high precision: {', '.join(p['ignored']) or '-'}"],
         ["time", ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items())],
-        ["checkpoint", f"{res.output} ({p['checkpoint_bytes'] / 2**20:.1f} MiB)"],
+        ["checkpoint", size],
     ]
     print(render(rows))
     return 0
+
+
+def _short_list(names: list[str], n: int = 6) -> str:
+    if not names:
+        return "-"
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -479,8 +516,27 @@ def _formats_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Exit 0 when the checkpoint passes; 2 when it fails (the report says why) or is not a checkpoint."""
+    from lowbit.checkpoint.check import check_directory, format_report
+
+    try:
+        tp = tuple(int(t) for t in args.tp.split(",") if t.strip())
+    except ValueError:
+        raise LowbitError(f"--tp {args.tp!r}: give tensor-parallel sizes, e.g. 1,2,4,8") from None
+    if not tp or min(tp) < 1:
+        raise LowbitError(f"--tp {args.tp!r}: sizes must be positive integers")
+    report = check_directory(args.checkpoint, tp=tp)
+    print(format_report(report))
+    if args.json:
+        from lowbit.checkpoint.io import write_json
+
+        write_json(args.json, report.to_dict())
+    return 0 if report.ok else 2
+
+
 COMMANDS = {"doctor": cmd_doctor, "quantize": cmd_quantize, "eval": cmd_eval, "formats": cmd_formats,
-            "inspect": cmd_inspect, "bench": cmd_bench}
+            "inspect": cmd_inspect, "bench": cmd_bench, "check": cmd_check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,12 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 
-DEFAULT_IGNORE = ("lm_head",)
+# Kept in high precision by default: the output head, Mixture-of-Experts routers (vLLM runs them
+# unquantized), and vision towers and projectors of multimodal models (only the language model is
+# quantized; calibration is text).
+ROUTER_LEAVES = ("gate", "router", "shared_expert_gate")
+VISION = r"re:(.*\.)?(vision_tower|vision_model|visual|multi_modal_projector|mm_projector|vision_encoder)(\..*)?"
+DEFAULT_IGNORE = ("lm_head", *ROUTER_LEAVES, VISION)
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -39,22 +44,45 @@ def select_linears(
 ) -> tuple[list[str], list[str]]:
     """(targets, ignored): names of nn.Linear modules to quantize and of those kept in high precision.
 
-    Every user pattern must match at least one Linear, so a typo never passes silently.
+    Fused 3-D experts are first turned into per-expert Linears (`lowbit.nn.experts`, in place), so
+    they are targets like any other Linear; an experts module matched by a pattern stays as it is.
+    Every user pattern must match at least one Linear (or experts module), so a typo never passes
+    silently. `ignored` also names the routers of MoE blocks, Linear or not.
     """
+    from lowbit.nn.experts import linearize_experts, three_d_modules
+
     user = list(ignore)
     check_patterns(user)
     patterns = list(default_ignore) + user
+    kept_3d = [n for n, _ in three_d_modules(model) if any(matches(n, p) for p in patterns)]
+    linearize_experts(model, skip=lambda n: n in kept_3d)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise LowbitError("the model has no Linear layers to quantize")
-    unmatched = [p for p in user if not any(matches(n, p) for n in linears)]
+    unmatched = [p for p in user if not any(matches(n, p) for n in [*linears, *kept_3d])]
     if unmatched:
         raise LowbitError(f"--ignore pattern(s) matched no Linear layer: {', '.join(unmatched)}")
     ignored = [n for n in linears if any(matches(n, p) for p in patterns)]
+    ignored += [n for n in [*router_modules(model), *kept_3d] if n not in ignored]
     targets = [n for n in linears if n not in set(ignored)]
     if not targets:
         raise LowbitError("every Linear layer is ignored: nothing left to quantize")
     return targets, ignored
+
+
+def router_modules(model: nn.Module) -> list[str]:
+    """MoE routers: modules named gate / router / shared_expert_gate beside an experts module."""
+    from lowbit.nn.experts import LinearExperts
+
+    out = []
+    for name, m in model.named_modules():
+        parent, _, leaf = name.rpartition(".")
+        if leaf in ROUTER_LEAVES and not isinstance(m, LinearExperts):
+            owner = model.get_submodule(parent) if parent else model
+            if any(isinstance(c, LinearExperts) or any(p.dim() == 3 for p in c.parameters(recurse=False))
+                   for c in owner.children()):
+                out.append(name)
+    return out
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -8,6 +8,8 @@ observe every QuantLinear input, and store one scale per layer.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,10 +22,14 @@ from tqdm.auto import tqdm
 from lowbit.errors import LowbitError
 from lowbit.eval.metrics import model_device
 from lowbit.nn import QuantLinear
+from lowbit.nn.experts import calibrate_all_experts as calibrate_all_experts_
+from lowbit.nn.experts import count_expert_tokens, is_expert_linear, moe_scheme
 from lowbit.nn.fused import apply_fusion_rules
 from lowbit.observers import Observer, make_observer
 from lowbit.scheme import Scheme
 from lowbit.targets import DEFAULT_IGNORE, select_linears, set_submodule
+
+log = logging.getLogger("lowbit")
 
 
 @dataclass
@@ -34,6 +40,10 @@ class PTQReport:
     seconds: dict[str, float] = field(default_factory=dict)
     # shards whose scales were unified with their fused siblings' (`lowbit.nn.fused.apply_fusion_rules`)
     fusion_unified: list[str] = field(default_factory=list)
+    # Mixture-of-Experts: calibration tokens routed to each expert, per experts module, and the
+    # static expert layers that saw none (they take the largest input scale of their layer's experts)
+    tokens_per_expert: dict[str, list[int]] = field(default_factory=dict)
+    experts_without_tokens: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -41,8 +51,21 @@ class PTQReport:
             "ignored": self.ignored,
             "tokens_seen_min": min(self.tokens_seen.values()) if self.tokens_seen else None,
             "fusion_unified": self.fusion_unified,
+            **({"tokens_per_expert": self.tokens_per_expert,
+                "experts_without_tokens": self.experts_without_tokens} if self.tokens_per_expert else {}),
             "seconds": self.seconds,
         }
+
+
+def expert_overrides(targets: list[str], scheme: Scheme, overrides: dict[str, Scheme] | None) -> dict[str, Scheme]:
+    """`overrides` plus, for expert projections, the scheme vLLM's MoE kernels take (`moe_scheme`)."""
+    out = dict(overrides or {})
+    for t in targets:
+        if is_expert_linear(t):
+            s = moe_scheme(out.get(t, scheme))
+            if s is not out.get(t, scheme):
+                out[t] = s
+    return out
 
 
 def quantize_weights(
@@ -64,14 +87,35 @@ def quantize_weights(
         set_submodule(model, name, q)
 
 
+def set_static_scales(layers: dict[str, QuantLinear], observers: dict[str, Observer]) -> list[str]:
+    """Store each layer's observed input scale. An expert that saw no token is left for
+    `apply_fusion_rules` to give the largest scale of its layer's experts (what vLLM runs anyway);
+    its name is returned. Any other layer without a token is an error naming it."""
+    unseen = []
+    for n, m in layers.items():
+        if observers[n].tokens == 0 and is_expert_linear(n):
+            m.input_tokens = 0
+            unseen.append(n)
+            continue
+        m.set_input_scale(observers[n].amax())  # raises, naming the layer, when it saw no token
+        m.input_tokens = observers[n].tokens
+    if unseen:
+        log.warning("%d expert projection(s) saw no calibration token and take the largest input scale of their "
+                    "layer's experts (e.g. %s); --calibrate-all-experts runs every expert on every token",
+                    len(unseen), unseen[0])
+    return unseen
+
+
 @torch.inference_mode()
 def calibrate_inputs(
-    model: nn.Module, samples: list[torch.Tensor], observer: str, *, batch_size: int = 1, progress: bool = True
+    model: nn.Module, samples: list[torch.Tensor], observer: str, *, batch_size: int = 1, progress: bool = True,
+    calibrate_all_experts: bool = False, report: PTQReport | None = None,
 ) -> dict[str, Observer]:
     """Observe the input of every static QuantLinear over the samples; set and return the observers.
 
     samples: 1-D token id tensors. Batches are right-padded; padded positions are masked out of
     the statistics, and observers update once per sample, so results do not depend on batch size.
+    Experts see the rows routed to them ((tokens, C), padding included when batch_size > 1).
     """
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
     observers = {n: make_observer(observer, n) for n in layers}
@@ -80,6 +124,9 @@ def calibrate_inputs(
     def hook(name: str):
         def fn(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x, mask = args[0], mask_holder["mask"]  # x: (B, T, C); mask: (B, T) bool
+            if x.dim() != 3 or x.shape[:2] != mask.shape:  # an expert's routed tokens, (tokens, C)
+                observers[name].update(x.reshape(-1, x.shape[-1]))
+                return
             for b in range(x.shape[0]):
                 observers[name].update(x[b][mask[b]])
 
@@ -91,6 +138,9 @@ def calibrate_inputs(
         m.quantize_inputs = False
         m.cache_weight(dtype)
     device = model_device(model)
+    stack = contextlib.ExitStack()
+    stack.enter_context(calibrate_all_experts_(model, calibrate_all_experts))
+    counts = stack.enter_context(count_expert_tokens(model))
     try:
         order = sorted(range(len(samples)), key=lambda i: -len(samples[i]))  # similar lengths batch together
         for start in tqdm(range(0, len(order), batch_size), desc="calibrating", unit="batch", disable=not progress):
@@ -103,13 +153,15 @@ def calibrate_inputs(
             mask_holder["mask"] = mask.to(device)
             model(input_ids=ids.to(device), attention_mask=mask.to(device).long(), use_cache=False)
     finally:
+        stack.close()
         for h in handles:
             h.remove()
         for m in layers.values():
             m.quantize_inputs = True
             m.cache_weight(None)
-    for n, m in layers.items():
-        m.set_input_scale(observers[n].amax())
+    unseen = set_static_scales(layers, observers)
+    if report is not None:
+        report.tokens_per_expert, report.experts_without_tokens = counts, unseen
     return observers
 
 
@@ -123,10 +175,13 @@ def quantize_model(
     batch_size: int = 1,
     progress: bool = True,
     overrides: dict[str, Scheme] | None = None,
+    calibrate_all_experts: bool = False,
 ) -> PTQReport:
     """Quantize `model` in place with `scheme` (layers named in `overrides` with their own scheme:
-    a mixed-precision plan); `samples` are needed for static activation scales."""
+    a mixed-precision plan); `samples` are needed for static activation scales. Fused experts
+    become per-expert Linears first (`lowbit.nn.experts`)."""
     targets, ignored = select_linears(model, ignore, default_ignore=default_ignore)
+    overrides = expert_overrides(targets, scheme, overrides)
     unknown = sorted(set(overrides or {}) - set(targets))
     if unknown:
         raise LowbitError(f"a per-layer scheme names {unknown[0]}, which is not a quantized Linear here")
@@ -145,7 +200,8 @@ def quantize_model(
         if not samples:
             raise ValueError("static activation scales need calibration samples")
         t0 = time.perf_counter()
-        observers = calibrate_inputs(model, samples, observer.pop(), batch_size=batch_size, progress=progress)
+        observers = calibrate_inputs(model, samples, observer.pop(), batch_size=batch_size, progress=progress,
+                                     calibrate_all_experts=calibrate_all_experts, report=report)
         report.seconds["calibration"] = time.perf_counter() - t0
         report.tokens_seen = {n: o.tokens for n, o in observers.items()}
     report.fusion_unified = apply_fusion_rules(model)  # what vLLM's fused q/k/v and gate/up will run

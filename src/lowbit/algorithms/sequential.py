@@ -31,10 +31,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.algorithms.gptq import HessianState, column_qdq, gptq, hessian_init, hessian_update
-from lowbit.algorithms.ptq import PTQReport
+from lowbit.algorithms.ptq import PTQReport, expert_overrides, set_static_scales
 from lowbit.errors import LowbitError
 from lowbit.formats import fake_quantize
 from lowbit.nn import QuantLinear, weight_scale
+from lowbit.nn.experts import calibrate_all_experts, count_expert_tokens, is_expert_linear
 from lowbit.nn.fused import apply_fusion_rules
 from lowbit.observers import Observer, make_observer
 from lowbit.scheme import Scheme
@@ -53,6 +54,7 @@ class SequentialOptions:
     actorder: bool | None = None
     alpha: float = 0.5  # SmoothQuant migration strength
     device: str | torch.device | None = None  # where each layer is processed (default: where it is)
+    calibrate_all_experts: bool = False  # every expert also sees the tokens not routed to it (observed only)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -191,7 +193,7 @@ def quantize_sequential(
     if not samples:
         raise LowbitError("sequential calibration needs calibration samples")
     targets, ignored = select_linears(model, ignore, default_ignore=default_ignore)
-    overrides = overrides or {}
+    overrides = expert_overrides(targets, scheme, overrides)
     report = SequentialReport(targets, ignored)
     scale_dtype = next(model.parameters()).dtype
     if scale_dtype == torch.float16:
@@ -215,8 +217,11 @@ def quantize_sequential(
             _smooth(layer, name, mine, inputs, options.alpha, report)
         if "awq" in options.steps:
             _awq(layer, name, mine, inputs, scheme, overrides, scale_dtype, report)
-        _quantize_layer(model, layer, name, mine, scheme, overrides, inputs, options, scale_dtype, report)
-        inputs = [(h, kw) for h, (_, kw) in zip(_run_layer(layer, inputs), inputs, strict=True)]
+        with calibrate_all_experts(layer, options.calibrate_all_experts):
+            _quantize_layer(model, layer, name, mine, scheme, overrides, inputs, options, scale_dtype, report)
+        with count_expert_tokens(layer, name) as counts:  # the tokens this layer's experts really get
+            inputs = [(h, kw) for h, (_, kw) in zip(_run_layer(layer, inputs), inputs, strict=True)]
+        report.tokens_per_expert.update(counts)
         layer.to(home)
         done.update(mine)
     report.seconds["layers"] = time.perf_counter() - t0
@@ -263,7 +268,10 @@ def _quantize_layer(
     for t, lin in linears.items():
         s = overrides.get(t, scheme)
         log = report.layers.setdefault(t, LayerLog())
-        if t in hessians:
+        if t in hessians and hessians[t].n == 0 and is_expert_linear(t):
+            report.experts_without_tokens.append(t)  # no Hessian: round to nearest (named in the report)
+            q = QuantLinear.from_linear(lin, s.weights, s.input_activations, scale_dtype)
+        elif t in hessians:
             if hessians[t].n == 0:
                 raise LowbitError(f"{t} received no calibration tokens, so GPTQ has no Hessian for it")
             args, fmt = s.weights, s.weights.format
@@ -314,8 +322,9 @@ def _calibrate_static(
     finally:
         for m in static.values():
             m.quantize_inputs = True
-    for t, m in static.items():
-        m.set_input_scale(observers[t].amax())
+    unseen = set_static_scales(static, observers)
+    report.experts_without_tokens += [t for t in unseen if t not in report.experts_without_tokens]
+    for t in static:
         report.tokens_seen[t] = observers[t].tokens
 
 

@@ -16,6 +16,7 @@ Two layouts:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from lowbit.checkpoint.io import atomic_directory, save_tensors, write_json
+from lowbit.checkpoint.names import to_checkpoint
 from lowbit.errors import LowbitError
 from lowbit.formats.packing import pack_intn_to_int32
 from lowbit.nn import QuantLinear
@@ -158,10 +160,19 @@ def save_checkpoint(
     layout: Layout = "compressed-tensors",
     provenance: dict[str, Any],
     overwrite: bool = False,
+    gate: Callable[[Path, dict[str, Any], dict[str, torch.Tensor]], tuple[list[str], dict[str, Any]]] | None = None,
+    allow_partial: bool = False,
 ) -> Path:
-    """Write config, tensors, tokenizer, generation config and provenance; atomically."""
+    """Write config, tensors, tokenizer, generation config and provenance; atomically.
+
+    gate(directory, config, tensors) -> (failed checks, record) runs on the finished temporary
+    directory (`lowbit.checkpoint.integrity`): any failure removes it and raises IntegrityError,
+    one line per check, unless `allow_partial` (then the failures go into the provenance file)."""
+    rename_module = to_checkpoint(model)
+    ignore = [p if p.startswith("re:") else rename_module(p) for p in ignore]
     if layout == "compressed-tensors":
-        qconfig = ct_quantization_config(config_groups(model), ignore)
+        groups = [([t if t == "Linear" else rename_module(t) for t in targets], s) for targets, s in config_groups(model)]
+        qconfig = ct_quantization_config(groups, ignore)
     elif layout == "autofp8":
         qconfig = autofp8_quantization_config(scheme, ignore)
     else:
@@ -170,6 +181,8 @@ def save_checkpoint(
     config.pop("quantization_config", None)
     config["quantization_config"] = qconfig
     tensors = checkpoint_tensors(model, layout, bool(config.get("tie_word_embeddings", False)))
+    rename = to_checkpoint(model)  # the names transformers saves and vLLM reads (Mixtral: block_sparse_moe)
+    tensors = {rename(k): t for k, t in tensors.items()}
     check_finite(tensors)
     with atomic_directory(output, overwrite) as tmp:
         save_tensors(tensors, tmp, metadata={"lowbit_scheme": scheme.name, "lowbit_layout": layout})
@@ -179,6 +192,14 @@ def save_checkpoint(
             generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if gate is not None:
+            failures, record = gate(tmp, config, tensors)
+            provenance["integrity"] = {**record, "failures": failures, "passed": not failures}
+            if failures and not allow_partial:
+                from lowbit.checkpoint.integrity import IntegrityError
+
+                raise IntegrityError(f"the integrity gate failed {len(failures)} check(s); nothing was written "
+                                     "(--allow-partial writes it anyway):\n  " + "\n  ".join(failures))
         write_json(tmp / PROVENANCE, provenance)
     return Path(output)
 

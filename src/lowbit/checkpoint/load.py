@@ -18,14 +18,19 @@ import torch
 from torch import nn
 
 from lowbit.checkpoint.io import load_tensors
+from lowbit.checkpoint.names import to_model
 from lowbit.errors import LowbitError
 from lowbit.formats.packing import unpack_int32_to_intn
 from lowbit.nn import QuantLinear
+from lowbit.nn.experts import linearize_experts
 from lowbit.nn.fused import fuse_quantized
 from lowbit.scheme import QuantArgs, Scheme
 from lowbit.targets import set_submodule
 
 log = logging.getLogger("lowbit")
+
+# a per-expert tensor: <experts module>.<expert>.<projection>.<tensor>
+EXPERT_KEY = re.compile(r".*\.experts\.\d+\.\w+\.\w+$")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,13 @@ class CheckpointScheme:
     layout: str
     groups: list[tuple[list[str], Scheme]]
     ignore: list[str]
+
+    def renamed(self, rename: Any) -> CheckpointScheme:
+        """The same with exact module names mapped by `rename` (checkpoint -> model names)."""
+        def fix(targets: list[str]) -> list[str]:
+            return [t if t.startswith("re:") or "." not in t else rename(t) for t in targets]
+
+        return CheckpointScheme(self.layout, [(fix(t), s) for t, s in self.groups], fix(self.ignore))
 
     def scheme_for(self, name: str, module: nn.Module) -> Scheme | None:
         """The scheme of the group whose target matches `name` most specifically: an exact module
@@ -120,8 +132,13 @@ def parse_quantization_config(qc: dict[str, Any]) -> CheckpointScheme:
     raise LowbitError(f"quantization method {method!r} is not one lowbit reads (compressed-tensors or fp8)")
 
 
-def build_quantized_model(path: Path, dtype: torch.dtype | None = None) -> tuple[nn.Module, CheckpointScheme | None]:
-    """The model skeleton with QuantLinear modules in place and weights unallocated (meta)."""
+def build_quantized_model(
+    path: Path, dtype: torch.dtype | None = None, keys: set[str] | None = None
+) -> tuple[nn.Module, CheckpointScheme | None]:
+    """The model skeleton with QuantLinear modules in place and weights unallocated (meta).
+
+    `keys`: the checkpoint's tensor names; fused experts that the checkpoint stores one by one
+    (`model.layers.L.mlp.experts.E.gate_proj.weight`) become per-expert Linears first."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -142,7 +159,12 @@ def build_quantized_model(path: Path, dtype: torch.dtype | None = None) -> tuple
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as e:
         raise LowbitError(f"{path} is not a causal language model: {e}") from None
+    if keys:
+        rename = to_model(model)
+        per_expert = {rename(k).rsplit(".", 3)[0] for k in keys if EXPERT_KEY.match(k)}
+        linearize_experts(model, skip=lambda n: n not in per_expert)
     if scheme is not None:
+        scheme = scheme.renamed(to_model(model))
         scale_dtype = dtype if dtype != torch.float16 else torch.float32
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear) and (s := scheme.scheme_for(name, module)) is not None:
@@ -209,8 +231,13 @@ def load(path: str | Path, *, device: str | torch.device | None = None, dtype: t
     run as one layer each, as vLLM runs them (`lowbit.nn.fused`); `fuse` forces it on or off.
     """
     path = Path(path)
-    model, scheme = build_quantized_model(path, dtype)
-    tensors = _unpack(load_tensors(path), model)
+    qc = read_config(path).get("quantization_config")  # clear errors for a wrong directory or config first
+    if qc:
+        parse_quantization_config(qc)
+    raw = load_tensors(path)
+    model, scheme = build_quantized_model(path, dtype, set(raw))
+    rename = to_model(model)
+    tensors = _unpack({rename(k): t for k, t in raw.items()}, model)
     expected = dict(model.state_dict(keep_vars=True))
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     unexpected = sorted(set(tensors) - set(expected))

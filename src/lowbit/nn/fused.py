@@ -55,12 +55,47 @@ def _quant_units(model: nn.Module) -> list[list[tuple[str, QuantLinear]]]:
     return units
 
 
+def _expert_scale_groups(model: nn.Module) -> list[list[tuple[str, QuantLinear]]]:
+    """Per experts module: its experts' static gate/up layers, and its experts' static down layers."""
+    from lowbit.nn.experts import expert_modules
+
+    groups = []
+    for name, le in expert_modules(model):
+        for projs in ((0, 1), (2,)):
+            g = []
+            for e, exp in enumerate(le.experts()):
+                for i in projs:
+                    if i == 0 and not le.layout.has_gate:
+                        continue
+                    q = exp.proj(i)
+                    if isinstance(q, QuantLinear) and q.input_scale is not None:
+                        g.append((f"{name}.{e}.{exp.names[i]}", q))
+            if g:
+                groups.append(g)
+    return groups
+
+
 @torch.no_grad()
 def apply_fusion_rules(model: nn.Module) -> list[str]:
     """Give every fusion unit one static input scale (the largest) and, for per-tensor weights, one
-    weight scale (the largest, each shard requantized to it). Returns the shards whose stored
-    values changed."""
+    weight scale (the largest, each shard requantized to it). For Mixture-of-Experts, vLLM keeps
+    one static input scale per layer for all experts' gate/up and one for their down projections
+    (the largest): the experts' scales are unified the same way, and an expert that saw no
+    calibration token (`input_tokens == 0`) takes that largest scale. Returns the shards whose
+    stored values changed."""
     changed = []
+    for group in _expert_scale_groups(model):
+        seen = [m.input_scale.float().reshape(()) for _, m in group  # type: ignore[union-attr]
+                if m.input_tokens != 0]
+        if not seen:
+            continue  # no expert of this layer saw a token: calibration has already refused
+        top = torch.stack(seen).max()
+        for n, m in group:
+            assert m.input_scale is not None
+            if m.input_tokens == 0 or m.input_scale.float().reshape(()) != top:
+                m.input_scale.copy_(top.to(m.input_scale.dtype).reshape(1, 1))
+                m._native_scales = None
+                changed.append(n)
     for mods in _quant_units(model):
         ms = [m for _, m in mods]
         if ms[0].input_scale is not None:

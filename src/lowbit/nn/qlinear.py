@@ -92,6 +92,8 @@ class QuantLinear(nn.Module):
         self._native_reason: str | None = None
         self._native_decided = False
         self._native_scales: tuple[tuple[int, int], torch.Tensor, torch.Tensor | None] | None = None
+        # calibration tokens behind the static input scale (None: not calibrated here, e.g. loaded)
+        self.input_tokens: int | None = None
         # Hopper's fast FP8 accumulation in the native GEMM, as vLLM's FP8 kernels run it
         self.fast_accum = True
         # (group, index) when this layer is a shard of a fused q/k/v or gate/up (`lowbit.nn.fused`)
