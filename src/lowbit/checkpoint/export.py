@@ -162,16 +162,27 @@ def save_checkpoint(
     overwrite: bool = False,
     gate: Callable[[Path, dict[str, Any], dict[str, torch.Tensor]], tuple[list[str], dict[str, Any]]] | None = None,
     allow_partial: bool = False,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write config, tensors, tokenizer, generation config and provenance; atomically.
 
     gate(directory, config, tensors) -> (failed checks, record) runs on the finished temporary
     directory (`lowbit.checkpoint.integrity`): any failure removes it and raises IntegrityError,
     one line per check, unless `allow_partial` (then the failures go into the provenance file)."""
+    # Readers match module names differently: transformers against its own module names, vLLM
+    # against the checkpoint's (through its own name mapper). Where the two differ (Mixtral's
+    # block_sparse_moe, multimodal models' language_model prefix), list a module under both.
     rename_module = to_checkpoint(model)
-    ignore = [p if p.startswith("re:") else rename_module(p) for p in ignore]
+
+    def both(names: list[str]) -> list[str]:
+        out = []
+        for n in names:
+            out += [n] if n.startswith("re:") or n == "Linear" or rename_module(n) == n else [n, rename_module(n)]
+        return list(dict.fromkeys(out))
+
+    ignore = both(ignore)
     if layout == "compressed-tensors":
-        groups = [([t if t == "Linear" else rename_module(t) for t in targets], s) for targets, s in config_groups(model)]
+        groups = [(both(targets), s) for targets, s in config_groups(model)]
         qconfig = ct_quantization_config(groups, ignore)
     elif layout == "autofp8":
         qconfig = autofp8_quantization_config(scheme, ignore)
@@ -192,6 +203,8 @@ def save_checkpoint(
             generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if write_extra is not None:  # e.g. QAT's loss curve
+            write_extra(tmp)
         if gate is not None:
             failures, record = gate(tmp, config, tensors)
             provenance["integrity"] = {**record, "failures": failures, "passed": not failures}
