@@ -128,6 +128,31 @@ def _parser() -> argparse.ArgumentParser:
                    help="lowbit: promote FP8 partial sums to float32 (default: Hopper's fast accumulation, as vLLM)")
     b.add_argument("--json", type=Path, default=None, help="also write every number to this file")
 
+    t = sub.add_parser("qat", parents=[common],
+                       help="quantization-aware training (distillation) -> the same checkpoint as quantize")
+    t.add_argument("model", nargs="?", default=None, help="built-in name, model directory or hub id (default smollm2-135m)")
+    t.add_argument("--scheme", default="w4a16", help="fp8, fp8-dynamic, w8a8-int8, w4a16, w8a16")
+    t.add_argument("--group-size", type=_positive, default=None, help="group size for w4a16 (default 128)")
+    t.add_argument("--data", default="builtin", help="builtin | PATH (text file) | generate:N (sampled from the model)")
+    t.add_argument("--steps", type=_positive, default=200)
+    t.add_argument("--batch-size", type=_positive, default=4)
+    t.add_argument("--seq-len", type=_positive, default=256)
+    t.add_argument("--lr", type=float, default=1e-5, help="learning rate of the weights")
+    t.add_argument("--scale-lr", type=float, default=1e-4, help="learning rate of the quantization scales")
+    t.add_argument("--loss", choices=["kd", "ce", "kd+ce"], default="kd",
+                   help="kd: KL to the original model's logits (default); ce: next-token cross-entropy; both")
+    t.add_argument("--train", choices=["all", "scales"], default="all",
+                   help="all: weights and scales; scales: only the quantization scales (models that do not fit)")
+    t.add_argument("--eval-every", type=_positive, default=50, help="held-out loss every K steps")
+    t.add_argument("--warmup", type=int, default=10)
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--from", dest="start", type=Path, default=None,
+                   help="start from this post-training checkpoint (e.g. made with --algorithm gptq) of the same scheme")
+    t.add_argument("--output", "-o", required=True, type=Path)
+    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("--device", default=None)
+    t.add_argument("--seed", type=int, default=0)
+
     c = sub.add_parser("check", parents=[common],
                        help="integrity and vLLM compatibility of any compressed-tensors or AutoFP8 checkpoint")
     c.add_argument("checkpoint", type=Path, help="checkpoint directory (lowbit's or anyone's)")
@@ -516,6 +541,35 @@ def _formats_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qat(args: argparse.Namespace) -> int:
+    from lowbit.algorithms.qat import QATConfig
+    from lowbit.qat_run import qat
+    from lowbit.table import render
+
+    cfg = QATConfig(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, batch_size=args.batch_size,
+                    warmup=args.warmup, loss=args.loss, train=args.train, eval_every=args.eval_every, seed=args.seed,
+                    gradient_checkpointing=args.gradient_checkpointing)
+    res = qat(args.model, output=args.output, scheme=args.scheme, group_size=args.group_size, data=args.data,
+              seq_len=args.seq_len, config=cfg, start=args.start, device=_device(args.device), overwrite=args.overwrite,
+              progress=not args.quiet)
+    p = res.provenance
+    q = p["qat"]
+    curve = q["loss_curve"]
+    held = ", ".join(f"{s}: {v:.4f}" for s, v in zip(curve["eval_steps"], curve["eval_loss"], strict=True)) or "-"
+    rows: list[list[Any]] = [
+        ["model", p["base_model"]],
+        ["scheme", f"{p['scheme']}, {p['algorithm']}"],
+        ["training", f"{len(curve['steps'])} steps, {q['tokens']:,} tokens of {q['data']} ({q['loss']} loss), "
+                     f"lr {q['lr']:g} / scales {q['scale_lr']:g}"],
+        ["loss", f"{curve['loss'][0]:.4f} -> {curve['loss'][-1]:.4f}; held-out {held}"],
+        ["integrity", "passed" if p.get("integrity", {}).get("passed") else str(p.get("integrity"))],
+        ["time", ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items())],
+        ["checkpoint", f"{res.output} ({p['checkpoint_bytes'] / 2**20:.1f} MiB); loss curve qat_loss.png"],
+    ]
+    print(render(rows))
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit 0 when the checkpoint passes; 2 when it fails (the report says why) or is not a checkpoint."""
     from lowbit.checkpoint.check import check_directory, format_report
@@ -536,7 +590,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"doctor": cmd_doctor, "quantize": cmd_quantize, "eval": cmd_eval, "formats": cmd_formats,
-            "inspect": cmd_inspect, "bench": cmd_bench, "check": cmd_check}
+            "inspect": cmd_inspect, "bench": cmd_bench, "check": cmd_check, "qat": cmd_qat}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,7 +43,10 @@ def evaluate(
     decode_tokens: int = 32,
     device: str = "cpu",
     progress: bool = True,
+    native: bool | None = None,
 ) -> dict[str, Any]:
+    """native=False runs the emulated forward on a GPU too (the CPU's numbers, bit for bit the same
+    arithmetic); None lets `lowbit.load` pick the native FP8 path where the GPU has one."""
     quantized = Path(quantized)
     prov = read_provenance(quantized) if quantized.is_dir() else None
     if base is None:
@@ -51,7 +54,11 @@ def evaluate(
             raise LowbitError(f"{quantized} does not record its base model; pass --base MODEL")
         base = prov["base_model"]
     t0 = time.perf_counter()
-    qmodel = load(quantized, device=device)
+    qmodel = load(quantized, device=device, fuse=None if native is not False else False)
+    if native is False:
+        for m in qmodel.modules():
+            if isinstance(m, QuantLinear):
+                m.native = False
     base_model, tokenizer, base_src = load_model(base, device=device)
     load_s = time.perf_counter() - t0
     text, sha = read_text_source(data)

@@ -122,6 +122,45 @@ def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, fmt: ScaledFormat = 
     return _FakeQuantSTE.apply(x, scale, fmt)
 
 
+class _FakeQuantLSQ(torch.autograd.Function):
+    """y = s * Q(x / s), Q rounding to fmt's grid and saturating at +-fmt.max (Esser et al. 2020, LSQ):
+
+    dy/dx = 1 inside the range, 0 outside (straight-through);
+    dy/ds = Q(x/s) - x/s inside, +-fmt.max outside, times `grad_scale` (LSQ uses 1 / sqrt(N * max)
+    for N values per scale, so that scales and weights learn at comparable rates).
+    The forward is exactly `fake_quantize`: the values the checkpoint's reader computes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, fmt: ScaledFormat, grad_scale: float) -> torch.Tensor:
+        y = fake_quantize(x, scale, fmt)
+        ctx.save_for_backward(x, scale, y)
+        ctx.fmt, ctx.grad_scale = fmt, grad_scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, scale, y = ctx.saved_tensors
+        s = expand_scale(scale.float(), x)
+        v = x.float() / s
+        inside = v.abs() <= ctx.fmt.max
+        gx = grad * inside.to(grad.dtype)
+        gs = None
+        if ctx.needs_input_grad[1]:
+            q = y.float() / s  # the grid value x was rounded to
+            d = torch.where(inside, q - v, torch.sign(v) * ctx.fmt.max) * grad.float() * ctx.grad_scale
+            if scale.dim() == x.dim() and scale.shape[-1] not in (1, x.shape[-1]):  # groups (..., G)
+                d = d.unflatten(-1, (scale.shape[-1], -1)).sum(-1)
+            gs = d.sum_to_size(scale.shape).to(scale.dtype)
+        return gx, gs, None, None
+
+
+def fake_quantize_lsq(x: torch.Tensor, scale: torch.Tensor, fmt: ScaledFormat = E4M3,
+                      grad_scale: float = 1.0) -> torch.Tensor:
+    """fake_quantize with straight-through gradients for x and LSQ gradients for a learned scale."""
+    return _FakeQuantLSQ.apply(x, scale, fmt, grad_scale)
+
+
 def mse_scale(
     x: torch.Tensor,
     amax: torch.Tensor,

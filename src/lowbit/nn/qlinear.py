@@ -46,6 +46,13 @@ def weight_scale(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype) -> 
     return mse_scale(w, amax, fmt, scale_dtype)
 
 
+def dynamic_input_scale(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """The scale a dynamic scheme computes at run time: one per token, or one per tensor
+    (AutoFP8-style dynamic layers); float32, not rounded (it is never stored)."""
+    matrix_dims = x.dim() if args.strategy == "tensor" else 2
+    return scale_from_amax(absmax(x.detach(), args.strategy, matrix_dims=matrix_dims), args.format, torch.float32)
+
+
 class QuantLinear(nn.Module):
     """y = Q(x) @ dequant(W).T + b, with W stored as codes of its format (E4M3, INT8, INT4) and its scales.
 
@@ -152,11 +159,7 @@ class QuantLinear(nn.Module):
         args = self.input_args
         if args is None or not self.quantize_inputs:
             return x
-        if self.input_scale is not None:
-            scale = self.input_scale.float()
-        else:  # dynamic: one scale per token, or per tensor for AutoFP8-style dynamic layers
-            matrix_dims = x.dim() if args.strategy == "tensor" else 2
-            scale = scale_from_amax(absmax(x, args.strategy, matrix_dims=matrix_dims), args.format, torch.float32)
+        scale = self.input_scale.float() if self.input_scale is not None else dynamic_input_scale(x, args)
         return fake_quantize(x, scale, args.format)
 
     def cache_weight(self, dtype: torch.dtype | None) -> None:

@@ -1,0 +1,116 @@
+"""Quantization-aware training on smollm2-135m against lowbit's best post-training result (issue 9).
+
+    PYTHONPATH=src python bench/qat.py [--device cuda] [--steps 300] [--runs 'w4a16;fp8']
+
+For each scheme: the post-training baseline (W4A16 groups of 64: GPTQ with activation ordering,
+lowbit's best there; static FP8: GPTQ), then QAT started from that checkpoint (`lowbit qat --from`),
+distilling from the original on the shared calibration text (../shared/data/calibration/
+groups_merged.txt, 512-token windows). Evaluation: the first 40 windows of 512 tokens of
+../shared/data/wikitext-2-raw/wiki.test.raw (never trained on), each checkpoint reloaded and run by
+lowbit's emulation (on a GPU too), against the original in bf16. Recovery = 1 - (QAT gap / PTQ gap),
+for the perplexity gap (ppl / bf16 ppl - 1) and for the KL. Writes bench/results/qat.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from accuracy import CALIB, WIKI, machine  # type: ignore[import-not-found]  # noqa: E402
+
+# label -> (scheme, group size, post-training algorithm, its extra quantize() arguments)
+RUNS = {
+    "w4a16": ("w4a16", 64, "gptq", {"gptq_actorder": True}),
+    "fp8": ("fp8", None, "gptq", {}),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--runs", default="w4a16;fp8")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--lr", default="1e-5", help="weight learning rate(s), comma-separated: one QAT run each")
+    ap.add_argument("--scale-lr", type=float, default=1e-4)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--calib-samples", type=int, default=64)
+    args = ap.parse_args()
+
+    import torch
+
+    import lowbit
+    from lowbit.algorithms.qat import QATConfig
+    from lowbit.calibration.data import CalibConfig
+    from lowbit.eval.run import evaluate
+    from lowbit.models import resolve_model
+    from lowbit.qat_run import qat
+
+    base_dir = resolve_model("smollm2-135m")
+    work = Path(tempfile.mkdtemp(prefix="lowbit-qat-"))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+
+    def ev(ckpt: Path) -> dict:
+        r = evaluate(ckpt, base=str(base_dir), data=str(WIKI), windows=args.windows, seq_len=512, latency=False,
+                     progress=False, device=device, native=False)
+        a = r["accuracy"]
+        return {"ppl_base": a["ppl_base"], "ppl": a["ppl_quant"], "ppl_delta_pct": a["ppl_delta_pct"],
+                "kl_mean": a["kl_mean"], "top1": a["top1_agreement"]}
+
+    for label in [r.strip() for r in args.runs.split(";") if r.strip()]:
+        scheme, group, algorithm, kw = RUNS[label]
+        t0 = time.perf_counter()
+        ptq = lowbit.quantize(str(base_dir), output=work / f"{label}-ptq", scheme=scheme, group_size=group,
+                              calib=CalibConfig(source=str(CALIB), num_samples=args.calib_samples, max_length=512,
+                                                pack=True),
+                              algorithm=algorithm, device=device, progress=False, **kw)
+        ptq_s = time.perf_counter() - t0
+        base_row = {"run": f"{label} post-training ({algorithm})", "seconds": ptq_s, **ev(ptq.output)}
+        print(json.dumps(base_row), flush=True)
+        rows.append(base_row)
+        for lr in [float(x) for x in args.lr.split(",")]:
+            cfg = QATConfig(steps=args.steps, lr=lr, scale_lr=args.scale_lr, batch_size=args.batch_size,
+                            eval_every=max(1, args.steps // 5))
+            t0 = time.perf_counter()
+            res = qat(str(base_dir), output=work / f"{label}-qat-{lr:g}", scheme=scheme, group_size=group,
+                      data=str(CALIB), seq_len=args.seq_len, config=cfg, start=ptq.output, device=device,
+                      progress=False)
+            qat_s = time.perf_counter() - t0
+            q = res.provenance["qat"]
+            qat_row = {"run": f"{label} QAT from {algorithm}, lr {lr:g}", "seconds": qat_s,
+                       "train_seconds": res.seconds["train"], "steps": args.steps, "tokens": q["tokens"], "lr": lr,
+                       "scale_lr": args.scale_lr, "batch": f"{args.batch_size} x {args.seq_len}",
+                       "held_out_loss": q["loss_curve"]["eval_loss"], **ev(res.output)}
+            for key, gap in (("ppl", lambda r: r["ppl"] / r["ppl_base"] - 1), ("kl", lambda r: r["kl_mean"])):
+                g0, g1 = gap(base_row), gap(qat_row)
+                qat_row[f"{key}_gap_recovered"] = 1 - g1 / g0 if g0 > 0 else None
+            print(json.dumps(qat_row), flush=True)
+            rows.append(qat_row)
+
+    result = {"date": date.today().isoformat(), "machine": machine(), "device": device,
+              "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None, "lowbit": lowbit.__version__,
+              "command": "python bench/qat.py " + " ".join(sys.argv[1:]),
+              "training": f"{CALIB.name}, {args.seq_len}-token windows, distillation (KL to bf16)",
+              "evaluation": f"{WIKI.name}: {args.windows} x 512 tokens, bf16 emulation", "rows": rows}
+    out = REPO / "bench" / "results" / "qat.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| run | ppl | ppl delta | KL | top-1 | recovered (ppl gap / KL) | seconds |\n|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        rec = (f"{100 * r['ppl_gap_recovered']:.0f}% / {100 * r['kl_gap_recovered']:.0f}%"
+               if r.get("ppl_gap_recovered") is not None else "-")
+        print(f"| {r['run']} | {r['ppl']:.3f} | {r['ppl_delta_pct']:+.2f}% | {r['kl_mean']:.4f} | "
+              f"{100 * r['top1']:.2f}% | {rec} | {r['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

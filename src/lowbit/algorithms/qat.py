@@ -1,0 +1,284 @@
+"""Quantization-aware training: prepare -> train (any loop) -> convert -> the same checkpoint as PTQ.
+
+    from lowbit.algorithms.qat import prepare, convert
+    prepare(model, get_scheme("w4a16", group_size=64), samples)   # FakeQuantLinear in place of Linears
+    ... train with any loop (a plain PyTorch loop, transformers' Trainer) ...
+    convert(model)                                                # QuantLinear again: save_checkpoint it
+
+`prepare` starts from post-training quantization: scales (and static input scales) from
+calibration, or the layers of a `--from` checkpoint made with GPTQ or AWQ. `train` is lowbit's own
+loop: distillation (KL to the frozen original's logits) by default, next-token cross-entropy, or
+both; AdamW (fused on CUDA) with warm-up and cosine decay; a held-out loss every K steps; a stop
+with the last good state restored when the loss stops being finite.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.errors import LowbitError
+from lowbit.nn import QuantLinear
+from lowbit.nn.fake_quant import FakeQuantLinear
+from lowbit.scheme import Scheme
+from lowbit.targets import set_submodule
+
+log = logging.getLogger("lowbit")
+
+LOSSES = ("kd", "ce", "kd+ce")
+TRAINABLE = ("all", "scales")
+
+
+@dataclass
+class QATConfig:
+    steps: int = 200
+    lr: float = 1e-5  # weights (AdamW)
+    scale_lr: float = 1e-4  # learned scales (no weight decay)
+    batch_size: int = 4
+    warmup: int = 10  # steps of linear warm-up, then cosine decay to 10%
+    loss: str = "kd"  # kd: KL(original || quantized) of the next-token distributions; ce; kd+ce
+    train: str = "all"  # all: weights and scales; scales: the learned scales only (models that do not fit)
+    eval_every: int = 50
+    grad_clip: float = 1.0
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise LowbitError(f"unknown QAT loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.train not in TRAINABLE:
+            raise LowbitError(f"--train {self.train!r}: choose all or scales")
+        if self.steps < 1 or self.batch_size < 1:
+            raise LowbitError("QAT needs at least one step of at least one sample")
+        if not (self.lr > 0 and self.scale_lr >= 0 and math.isfinite(self.lr)):
+            raise LowbitError(f"learning rates must be positive and finite, got {self.lr} and {self.scale_lr}")
+
+
+def fake_layers(model: nn.Module) -> dict[str, FakeQuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+
+
+def prepare(
+    model: nn.Module,
+    scheme: Scheme,
+    samples: list[torch.Tensor] | None = None,
+    *,
+    ignore: Iterable[str] = (),
+    start: nn.Module | None = None,
+) -> list[str]:
+    """Swap every target Linear of `model` for a FakeQuantLinear, in place; returns their names.
+
+    start: a quantized model (`lowbit.load` of a GPTQ/AWQ checkpoint of the same model and scheme)
+    whose codes and scales are the starting point; otherwise round to nearest, with static input
+    scales calibrated on `samples` (a copy of the model is quantized for that)."""
+    from lowbit.algorithms.ptq import quantize_model
+
+    if start is None:
+        ptq = copy.deepcopy(model)
+        report = quantize_model(ptq, scheme, samples, ignore=ignore, progress=False)
+        targets = report.targets
+    else:
+        ptq = start
+        targets = [n for n, m in start.named_modules() if isinstance(m, QuantLinear)]
+    for name in targets:
+        q = ptq.get_submodule(name)
+        if not isinstance(q, QuantLinear):
+            raise LowbitError(f"--from checkpoint: {name} is not quantized there")
+        try:
+            orig = model.get_submodule(name)
+        except AttributeError:
+            raise LowbitError(f"--from checkpoint has {name}, which this model does not: a different model") from None
+        if not isinstance(orig, nn.Linear) or (orig.out_features, orig.in_features) != (q.out_features, q.in_features):
+            raise LowbitError(f"--from checkpoint: {name} has another shape or type there: a different model")
+        if start is not None and (q.weight_args != scheme.weights or q.input_args != scheme.input_activations):
+            raise LowbitError(f"--from checkpoint: {name} is quantized as {q.weight_args.describe()}, not as "
+                              f"{scheme.weights.describe()}: a different scheme")
+        fq = FakeQuantLinear.from_quant_linear(q, weight=orig.weight.detach() if start is None else None)
+        set_submodule(model, name, fq.to(orig.weight.device))
+    del ptq
+    for p in model.parameters():  # only the quantized layers train
+        p.requires_grad_(False)
+    for fq in fake_layers(model).values():
+        fq.weight.requires_grad_(True)
+        for s in fq.scales():
+            s.requires_grad_(True)
+    return targets
+
+
+@torch.no_grad()
+def convert(model: nn.Module) -> nn.Module:
+    """Every FakeQuantLinear back to the QuantLinear it exports as (in place); returns the model."""
+    for name, fq in fake_layers(model).items():
+        set_submodule(model, name, fq.to_quant_linear())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, ids: torch.Tensor,
+                 kind: str) -> torch.Tensor:
+    """Mean over next-token positions: KL(teacher || student) ("kd"), cross-entropy on the next
+    token ("ce"), or their sum. Logits (B, T, V), computed in float32."""
+    s = torch.log_softmax(student_logits[:, :-1].float(), -1)
+    loss = s.new_zeros(())
+    if "kd" in kind:
+        assert teacher_logits is not None
+        t = torch.log_softmax(teacher_logits[:, :-1].float(), -1)
+        loss = loss + (t.exp() * (t - s)).sum(-1).mean()
+    if "ce" in kind:
+        loss = loss + F.nll_loss(s.flatten(0, 1), ids[:, 1:].flatten())
+    return loss
+
+
+@dataclass
+class TrainLog:
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    stopped: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _schedule(step: int, cfg: QATConfig) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def train(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    batches: list[torch.Tensor],
+    cfg: QATConfig,
+    *,
+    eval_batches: list[torch.Tensor] | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainLog:
+    """lowbit's training loop over `batches` ((B, T) token ids, cycled). Raises LowbitError when the
+    loss stops being finite, after restoring the last good state (the one of the last held-out
+    evaluation, or the start)."""
+    layers = fake_layers(student)
+    if not layers:
+        raise LowbitError("the model has no fake-quantized layers: call prepare() first")
+    if not batches:
+        raise LowbitError("the training data is too short for one batch")
+    if cfg.loss != "ce" and teacher is None:
+        raise LowbitError("distillation needs the original model as the teacher")
+    weights = [m.weight for m in layers.values()] if cfg.train == "all" else []
+    scales = [s for m in layers.values() for s in m.scales()]
+    for w in [m.weight for m in layers.values()]:
+        w.requires_grad_(cfg.train == "all")
+    groups = [{"params": scales, "lr": cfg.scale_lr, "weight_decay": 0.0}]
+    if weights:
+        groups.append({"params": weights, "lr": cfg.lr, "weight_decay": 0.0})
+    device = next(iter(layers.values())).weight.device
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, cfg))
+    enable = getattr(student, "gradient_checkpointing_enable", None)
+    if cfg.gradient_checkpointing and callable(enable):
+        enable()
+    student.train()
+    good = {k: v.detach().clone() for k, v in student.state_dict().items() if _trainable_key(k)}
+    good_step = 0
+    out = TrainLog()
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="QAT", unit="step", disable=not progress)
+    for step in bar:
+        ids = batches[step % len(batches)].to(device)
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids).logits if teacher is not None and "kd" in cfg.loss else None
+        try:
+            loss = distill_loss(student(input_ids=ids).logits, t_logits, ids, cfg.loss)
+            value = float(loss.detach())
+        except ValueError:  # a scale driven to zero, a negative value or NaN by the last update
+            value = math.nan
+        if not math.isfinite(value):
+            student.load_state_dict(good, strict=False)
+            out.stopped = f"loss became {value} at step {step}; restored the state of step {good_step}"
+            raise LowbitError(f"QAT: the {out.stopped}: lower --lr (now {cfg.lr:g}) or --scale-lr ({cfg.scale_lr:g})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*weights, *scales], cfg.grad_clip)
+        opt.step()
+        sched.step()
+        out.tokens += ids.numel()
+        out.steps.append(step)
+        out.loss.append(value)
+        out.lr.append(opt.param_groups[-1]["lr"])
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{out.lr[-1]:.2e}", tok_s=f"{out.tokens / elapsed:.0f}")
+        if on_step is not None:
+            on_step(step, value)
+        if eval_batches and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            out.eval_steps.append(step + 1)
+            out.eval_loss.append(evaluate_loss(student, teacher, eval_batches, cfg.loss))
+            log.info("QAT step %d: held-out %s loss %.5f", step + 1, cfg.loss, out.eval_loss[-1])
+            good = {k: v.detach().clone() for k, v in student.state_dict().items() if _trainable_key(k)}
+            good_step = step + 1
+            student.train()
+    out.seconds = time.perf_counter() - t0
+    student.eval()
+    return out
+
+
+def _trainable_key(key: str) -> bool:
+    return key.endswith(("weight", "weight_scale", "input_scale"))
+
+
+@torch.no_grad()
+def evaluate_loss(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Tensor], kind: str) -> float:
+    student.eval()
+    device = next(student.parameters()).device
+    total = 0.0
+    for ids in batches:
+        ids = ids.to(device)
+        t = teacher(input_ids=ids).logits if teacher is not None and "kd" in kind else None
+        total += float(distill_loss(student(input_ids=ids).logits, t, ids, kind))
+    return total / len(batches)
+
+
+def batches_from_samples(samples: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """Equal-length samples (packed windows) stacked into (B, T) batches; a short tail is dropped."""
+    lengths = {len(s) for s in samples}
+    if len(lengths) > 1:
+        n = min(lengths)
+        samples = [s[:n] for s in samples]
+    return [torch.stack(samples[i: i + batch_size]) for i in range(0, len(samples) - batch_size + 1, batch_size)]
+
+
+def plot_loss(train_log: TrainLog, path: Any) -> None:
+    """The loss curve (and held-out points) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(train_log.steps, train_log.loss, lw=0.8, label="training loss")
+    if train_log.eval_steps:
+        ax.plot(train_log.eval_steps, train_log.eval_loss, "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

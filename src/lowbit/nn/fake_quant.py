@@ -1,0 +1,129 @@
+"""FakeQuantLinear: a trainable Linear whose forward is exactly the quantized layer's (for QAT).
+
+The forward computes what `QuantLinear`'s reference forward computes from the checkpoint that
+`to_quant_linear()` writes: the weight rounded to its format's grid with its scales (rounded to the
+dtype the checkpoint stores them in), the input quantize-dequantized with the static scale or the
+per-token one. The backward is the straight-through estimator for weights and inputs (gradient
+inside the clipping range, zero outside) and LSQ's gradient for the learned scales
+(`lowbit.formats.fake_quantize_lsq`).
+
+Master weights are float32 parameters whatever the model dtype, so small updates are not lost to
+bf16 rounding; the layer casts its fake-quantized weight to the input's dtype. Scales are learned as
+their logarithms: Adam moves a parameter by about its learning rate per step whatever the
+gradient's size, so on log-scales a learning rate is a relative change (1e-4: 0.01% per step),
+the same for a weight scale of 1e-4 and an activation scale of 1. On the scales themselves the same
+step would halve the smallest ones at once (measured: a static FP8 model lost accuracy in 3 steps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.formats import fake_quantize_lsq, fake_quantize_ste, quantize
+from lowbit.nn.qlinear import QuantLinear, dynamic_input_scale, weight_scale_shape
+from lowbit.scheme import QuantArgs
+
+
+def _round_ste(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t rounded to `dtype` (as the checkpoint stores it) in the forward, identity in the backward."""
+    return t + (t.to(dtype).float() - t).detach()
+
+
+class FakeQuantLinear(nn.Module):
+    """y = FQ(x) @ FQ(W).T + b with learned scales; `to_quant_linear()` gives the exported layer."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        weights: QuantArgs,
+        input_activations: QuantArgs | None,
+        weight_scale: torch.Tensor,
+        input_scale: torch.Tensor | None = None,
+        scale_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight_args, self.input_args = weights, input_activations
+        self.scale_dtype = scale_dtype
+        shape = weight_scale_shape(weights, self.out_features, self.in_features)
+        self.weight = nn.Parameter(weight.detach().float().clone())
+        self.log_weight_scale = nn.Parameter(weight_scale.detach().float().reshape(shape).clamp_min(1e-12).log())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        static = input_activations is not None and not input_activations.dynamic
+        if static:
+            assert input_scale is not None, "a static scheme needs an initial input scale (from calibration)"
+            self.log_input_scale: nn.Parameter | None = nn.Parameter(
+                input_scale.detach().float().reshape(1, 1).clamp_min(1e-12).log())
+        else:
+            self.log_input_scale = None
+        per_scale = self.weight.numel() // self.log_weight_scale.numel()
+        self._w_grad_scale = 1.0 / math.sqrt(per_scale * weights.format.max)  # LSQ's gradient scaling
+
+    @classmethod
+    def from_quant_linear(cls, q: QuantLinear, weight: torch.Tensor | None = None) -> FakeQuantLinear:
+        """Start from a post-training layer: its scales, and `weight` (the float weight before
+        rounding, for round-to-nearest) or its dequantized codes (GPTQ or AWQ already chose them)."""
+        w = weight if weight is not None else q.dequantized_weight(torch.float32)
+        return cls(w, q.bias, weights=q.weight_args, input_activations=q.input_args, weight_scale=q.weight_scale.float(),
+                   input_scale=None if q.input_scale is None else q.input_scale.float(), scale_dtype=q.weight_scale.dtype)
+
+    def scales(self) -> list[nn.Parameter]:
+        """The learned (log-)scale parameters."""
+        return [p for p in (self.log_weight_scale, self.log_input_scale) if p is not None]
+
+    @property
+    def weight_scale(self) -> torch.Tensor:
+        return self.log_weight_scale.exp()
+
+    @property
+    def input_scale(self) -> torch.Tensor | None:
+        return None if self.log_input_scale is None else self.log_input_scale.exp()
+
+    def fake_weight(self) -> torch.Tensor:
+        s = _round_ste(self.weight_scale.clamp_min(1e-12), self.scale_dtype)
+        return fake_quantize_lsq(self.weight, s, self.weight_args.format, self._w_grad_scale)
+
+    def fake_input(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.input_args
+        if a is None:
+            return x
+        in_scale = self.input_scale
+        if in_scale is None:  # dynamic: the run-time scale, straight through
+            return fake_quantize_ste(x, dynamic_input_scale(x, a), a.format)
+        s = _round_ste(in_scale.clamp_min(1e-12), self.scale_dtype)
+        g = 1.0 / math.sqrt(x.numel() * a.format.max)
+        return fake_quantize_lsq(x, s, a.format, g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.fake_weight().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(self.fake_input(x), w, bias)
+
+    @torch.no_grad()
+    def to_quant_linear(self) -> QuantLinear:
+        """The layer the checkpoint holds: codes of the trained weight on its trained scales."""
+        scale = self.weight_scale.clamp_min(1e-12).to(self.scale_dtype)
+        q = QuantLinear(self.in_features, self.out_features, weights=self.weight_args,
+                        input_activations=self.input_args, bias=self.bias is not None, scale_dtype=self.scale_dtype,
+                        device=self.weight.device)
+        q.weight.copy_(quantize(self.weight, scale.float(), self.weight_args.format))
+        q.weight_scale.copy_(scale)
+        in_scale = self.input_scale
+        if q.input_scale is not None:
+            assert in_scale is not None
+            q.input_scale.copy_(in_scale.clamp_min(1e-12).to(self.scale_dtype).reshape(1, 1))
+        if self.bias is not None:
+            q.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return q
+
+    def extra_repr(self) -> str:
+        a = self.input_args
+        act = "none" if a is None else ("dynamic-" if a.dynamic else "static-") + a.strategy
+        return (f"in={self.in_features}, out={self.out_features}, weight={self.weight_args.format.name}/"
+                f"{self.weight_args.strategy}, input={act}, trainable")

@@ -1,0 +1,162 @@
+"""The Python API behind `lowbit qat`: model + training text + scheme -> trained, exported checkpoint.
+
+Data: "builtin" (the built-in text's training split), a text file, or "generate:N" (N sequences
+sampled from the original model itself, data-free distillation as LLM-QAT does; cached). The
+held-out loss uses text never trained on: the built-in held-out split for "builtin" and generated
+data, the last 5% of a file's windows otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.algorithms.qat import QATConfig, batches_from_samples, convert, plot_loss, prepare, train
+from lowbit.api import QuantizeResult, _versions
+from lowbit.calibration.data import CalibConfig, load_calibration, read_text_source, token_windows
+from lowbit.checkpoint.export import save_checkpoint
+from lowbit.checkpoint.integrity import gate_findings
+from lowbit.checkpoint.io import check_output, dir_bytes
+from lowbit.errors import LowbitError
+from lowbit.models import load_model
+from lowbit.scheme import get_scheme
+
+log = logging.getLogger("lowbit")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
+
+
+@torch.no_grad()
+def generated_samples(model: Any, tokenizer: Any, n: int, length: int, seed: int, source: str) -> list[torch.Tensor]:
+    """n sequences of `length` tokens sampled from `model` (temperature 1) from its BOS token,
+    cached by (model source, n, length, seed)."""
+    key = hashlib.sha256(f"{source}|{n}|{length}|{seed}".encode()).hexdigest()[:16]
+    path = _cache_dir() / "qat-generated" / f"{key}.pt"
+    if path.exists():
+        return list(torch.load(path))
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise LowbitError("generate:N needs a tokenizer with a BOS or EOS token to start from")
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, n, 8):
+        k = min(8, n - start)
+        ids = torch.full((k, 1), bos, dtype=torch.long, device=device)
+        seq = model.generate(ids, do_sample=True, top_k=0, temperature=1.0, max_new_tokens=length - 1,
+                             min_new_tokens=length - 1, pad_token_id=bos)
+        out += [s.cpu() for s in seq]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.stack(out), path)
+    return out
+
+
+def qat(
+    model: str | Path | None = None,
+    *,
+    output: str | Path,
+    scheme: str = "w4a16",
+    group_size: int | None = None,
+    data: str = "builtin",
+    seq_len: int = 256,
+    config: QATConfig | None = None,
+    start: str | Path | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> QuantizeResult:
+    """Quantization-aware training (`lowbit.algorithms.qat`) and the same checkpoint PTQ writes,
+    with the training recorded in its provenance and the loss curve as `qat_loss.png`."""
+    cfg = config or QATConfig()
+    recipe = get_scheme(scheme, group_size=group_size)
+    output = Path(output)
+    check_output(output, overwrite)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    student, tokenizer, source = load_model(model, device=device)
+    teacher, _, _ = load_model(model, device=device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    seconds["load"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_train = cfg.steps * cfg.batch_size
+    if data.startswith("generate:"):
+        try:
+            n = int(data.split(":", 1)[1])
+        except ValueError:
+            raise LowbitError(f"--data {data!r}: generate:N takes a number of sequences") from None
+        samples = generated_samples(teacher, tokenizer, n, seq_len, cfg.seed, str(source))
+        held = _builtin_heldout(tokenizer, seq_len)
+        data_hash = hashlib.sha256(torch.stack(samples).numpy().tobytes()).hexdigest()
+    else:
+        try:
+            calib = load_calibration(CalibConfig(source=data, num_samples=n_train + max(2, n_train // 20),
+                                                 max_length=seq_len, min_length=seq_len, pack=True), tokenizer)
+        except LowbitError as e:
+            raise LowbitError(f"the training data is too short for one batch of {seq_len}-token samples "
+                              f"(--seq-len): {e}") from None
+        samples = calib.samples
+        if data == "builtin":
+            held = _builtin_heldout(tokenizer, seq_len)
+        else:
+            cut = max(1, len(samples) // 20)
+            samples, held = samples[:-cut], samples[-cut:]
+        data_hash = hashlib.sha256(b"".join(s.numpy().tobytes() for s in samples)).hexdigest()
+    batches = batches_from_samples(samples, cfg.batch_size)
+    if not batches:
+        raise LowbitError(f"the training data gives {len(samples)} sample(s) of {seq_len} tokens: too short for one "
+                          f"batch of {cfg.batch_size}")
+    eval_batches = batches_from_samples(held, min(cfg.batch_size, len(held)))[:4]
+    seconds["data"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    start_model = None
+    if start is not None:
+        from lowbit.checkpoint.load import load
+
+        start_model = load(start, device=device, fuse=False)
+    calib_samples = samples[: min(len(samples), 64)]
+    targets = prepare(student, recipe, calib_samples, start=start_model)
+    del start_model
+    seconds["prepare"] = time.perf_counter() - t0
+    train_log = train(student, teacher, batches, cfg, eval_batches=eval_batches, progress=progress)
+    seconds["train"] = train_log.seconds
+    del teacher
+    convert(student)
+    provenance: dict[str, Any] = {
+        "lowbit_version": _versions().get("lowbit"),
+        "base_model": str(model or "smollm2-135m"),
+        "base_model_path": str(source),
+        "scheme": recipe.name,
+        "recipe": recipe.to_dict(),
+        "algorithm": "qat" + (f" from {start}" if start else " from round-to-nearest"),
+        "qat": {**asdict(cfg), "data": data, "data_sha256": data_hash, "seq_len": seq_len,
+                "train_samples": len(samples), "tokens": train_log.tokens, "loss_curve": train_log.to_dict()},
+        "versions": _versions(),
+    }
+    ignored = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)]  # left in high precision
+
+    def gate(directory: Path, config: dict[str, Any], tensors: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+        return gate_findings(student, directory, config, tensors, targets=targets, ignored=ignored,
+                             experts_without_tokens=[], tokenizer=tokenizer)
+
+    t0 = time.perf_counter()
+    save_checkpoint(student, tokenizer, output, scheme=recipe, ignore=ignored, provenance=provenance,
+                    overwrite=overwrite, gate=gate, write_extra=lambda d: plot_loss(train_log, d / "qat_loss.png"))
+    seconds["save"] = time.perf_counter() - t0
+    provenance["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    provenance["checkpoint_bytes"] = dir_bytes(output)
+    return QuantizeResult(output, provenance, seconds)
+
+
+def _builtin_heldout(tokenizer: Any, seq_len: int, windows: int = 8) -> list[torch.Tensor]:
+    text, _ = read_text_source("builtin")
+    return list(token_windows(text, tokenizer, seq_len, windows))

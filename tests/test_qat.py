@@ -1,0 +1,166 @@
+"""Quantization-aware training: LSQ/STE gradients, a forward equal to the exported checkpoint's,
+and the prepare -> train -> convert -> save path on the tiny model."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.algorithms.qat import QATConfig, batches_from_samples, convert, fake_layers, prepare, train
+from lowbit.checkpoint.export import save_checkpoint
+from lowbit.checkpoint.load import load
+from lowbit.errors import LowbitError
+from lowbit.formats import INT4, fake_quantize, fake_quantize_lsq
+from lowbit.nn import QuantLinear
+from lowbit.nn.fake_quant import FakeQuantLinear
+from lowbit.scheme import get_scheme
+from tests.conftest import tiny_llama, word_tokenizer
+
+SAMPLES = [torch.randint(3, 300, (32,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+
+
+def test_lsq_gradients_on_every_int4_code() -> None:
+    # x over [-10, 10] with scale 1: 7.5 < |x| is clipped (INT4 symmetric max 7). d/dx = 1 inside, 0
+    # outside; d/ds = round(x) - x inside, +-7 outside (LSQ, Esser et al.), times the grad scale
+    x = torch.linspace(-10, 10, 401, requires_grad=True)
+    s = torch.ones((), requires_grad=True)
+    y = fake_quantize_lsq(x, s, INT4, grad_scale=0.5)
+    assert torch.equal(y, fake_quantize(x.detach(), s.detach(), INT4))  # the forward is the reader's
+    y.sum().backward()
+    assert x.grad is not None and s.grad is not None
+    inside = x.detach().abs() <= 7
+    assert torch.equal(x.grad, inside.float())
+    expect = torch.where(inside, fake_quantize(x.detach(), torch.ones(()), INT4) - x.detach(), torch.sign(x.detach()) * 7)
+    torch.testing.assert_close(s.grad, 0.5 * expect.sum(), rtol=1e-6, atol=1e-4)  # float32 sum of 401 terms
+
+
+@pytest.mark.parametrize("scheme,group", [("fp8", None), ("fp8-dynamic", None), ("w8a8-int8", None), ("w4a16", 32)])
+def test_fake_quant_forward_is_the_exported_layers(scheme: str, group: int | None) -> None:
+    # what QAT trains is what the checkpoint runs: the same values bit for bit, in bf16 and float32
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(0)
+        lin = torch.nn.Linear(64, 48, bias=True).to(dtype)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(48, 64, generator=g) * 0.05)
+        s = get_scheme(scheme, group_size=group, weight_observer="minmax")
+        q = QuantLinear.from_linear(lin, s.weights, s.input_activations, dtype)
+        if q.input_scale is not None:
+            q.set_input_scale(torch.tensor(3.0))
+        fq = FakeQuantLinear.from_quant_linear(q, weight=lin.weight.detach())
+        with torch.no_grad():  # a training step's worth of change, so the test is not of the initial state only
+            fq.weight.add_(torch.randn(48, 64, generator=g) * 0.01)
+            fq.log_weight_scale.add_(0.03)
+        x = (torch.randn(5, 7, 64, generator=g) * 2).to(dtype)
+        exported = fq.to_quant_linear()
+        with torch.no_grad():
+            assert torch.equal(fq(x), exported(x)), (scheme, dtype)
+
+
+def sharp_teacher(seed: int) -> torch.nn.Module:
+    # a random tiny Llama predicts almost uniformly (distillation loss ~1e-4 from the start); larger
+    # weights give it confident predictions that INT4 visibly disturbs (loss ~1e-2) and QAT can repair
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    m = tiny_llama(seed=seed).float()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "proj" in n or "embed" in n:
+                p.mul_(4)
+    m.model.rotary_emb = LlamaRotaryEmbedding(m.config)  # float32 frequencies, as a reloaded model computes them
+    return m
+
+
+def test_qat_trains_converts_and_saves_what_it_trained(tmp_path: Path) -> None:
+    teacher = sharp_teacher(2)
+    student = copy.deepcopy(teacher)
+    scheme = get_scheme("w4a16", group_size=32)
+    prepare(student, scheme, SAMPLES)
+    assert len(fake_layers(student)) == 14 and not any(isinstance(m, torch.nn.Linear) and "proj" in n
+                                                       for n, m in student.named_modules())
+    batches = batches_from_samples(SAMPLES, 4)
+    cfg = QATConfig(steps=12, lr=1e-4, scale_lr=1e-4, batch_size=4, warmup=2, eval_every=6)
+    out = train(student, teacher, batches, cfg, eval_batches=batches[:1], progress=False)
+    # the distillation loss on the two batches it cycles over goes down: first pair ~0.010, last four
+    # ~0.006 (observed); the bar, 80% of the start, is well outside batch-to-batch noise (~15%)
+    assert sum(out.loss[-4:]) / 4 < 0.8 * sum(out.loss[:2]) / 2, out.loss
+    assert len(out.eval_loss) == 2 and out.tokens == 12 * 4 * 32
+    ids = torch.randint(3, 300, (2, 20))
+    with torch.no_grad():
+        trained = student(input_ids=ids).logits
+        convert(student)
+        assert all(isinstance(m, QuantLinear) for n, m in student.named_modules() if n.endswith("_proj"))
+        exported = student(input_ids=ids).logits
+    assert torch.equal(trained, exported)  # the trained model's logits are the checkpoint's
+    save_checkpoint(student, word_tokenizer(), tmp_path / "ck", scheme=scheme, ignore=["lm_head"], provenance={})
+    back = load(tmp_path / "ck", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, exported)
+
+
+def test_static_fp8_learns_its_input_scales() -> None:
+    teacher = tiny_llama(seed=3).float()
+    student = copy.deepcopy(teacher)
+    prepare(student, get_scheme("fp8"), SAMPLES)
+    before = {n: float(m.input_scale) for n, m in fake_layers(student).items()}
+    train(student, teacher, batches_from_samples(SAMPLES, 4), QATConfig(steps=4, lr=1e-4, scale_lr=1e-2, warmup=1),
+          progress=False)
+    after = {n: float(m.input_scale) for n, m in fake_layers(student).items()}
+    assert sum(before[n] != after[n] for n in before) >= len(before) // 2
+
+
+def test_a_learning_rate_that_makes_the_loss_nan_stops_and_restores() -> None:
+    teacher = tiny_llama(seed=4).float()
+    student = copy.deepcopy(teacher)
+    prepare(student, get_scheme("fp8-dynamic"), SAMPLES)
+    start = {n: m.weight.detach().clone() for n, m in fake_layers(student).items()}
+    cfg = QATConfig(steps=6, lr=1e30, scale_lr=1e30, warmup=1)
+    with pytest.raises(LowbitError, match=r"loss became .* restored the state of step 0.*lower --lr"):
+        train(student, teacher, batches_from_samples(SAMPLES, 4), cfg, progress=False)
+    assert all(torch.equal(m.weight, start[n]) for n, m in fake_layers(student).items())
+
+
+def test_starting_from_a_checkpoint_of_another_scheme_is_refused(tmp_path: Path) -> None:
+    m = tiny_llama(seed=5).float()
+    q = copy.deepcopy(m)
+    from lowbit.algorithms.ptq import quantize_model
+
+    quantize_model(q, get_scheme("fp8-dynamic"), None, progress=False)
+    with pytest.raises(LowbitError, match="a different scheme"):
+        prepare(copy.deepcopy(m), get_scheme("w4a16", group_size=32), start=q)
+    prepare(m, get_scheme("fp8-dynamic"), start=q)  # the same scheme: starts from its codes
+    assert len(fake_layers(m)) == 14
+
+
+def test_training_data_too_short_for_one_batch() -> None:
+    assert batches_from_samples(SAMPLES[:2], 4) == []
+    student = tiny_llama().float()
+    prepare(student, get_scheme("fp8-dynamic"), None)
+    with pytest.raises(LowbitError, match="too short for one batch"):
+        train(student, tiny_llama().float(), [], QATConfig(), progress=False)
+
+
+def test_cli_trains_and_writes_a_checkpoint_with_its_training_record(
+    tmp_path: Path, tiny_model_dir: Path, calib_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from lowbit.cli import main
+
+    out = tmp_path / "qat"
+    code = main(["qat", str(tiny_model_dir), "--scheme", "w4a16", "--group-size", "32", "--data", str(calib_file),
+                 "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--eval-every", "2", "--quiet",
+                 "--output", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0 and "3 steps" in stdout and (out / "qat_loss.png").exists()
+    prov = json.loads((out / "lowbit_provenance.json").read_text())
+    q = prov["qat"]
+    assert q["tokens"] == 3 * 2 * 16 and len(q["loss_curve"]["loss"]) == 3 and len(q["data_sha256"]) == 64
+    assert prov["integrity"]["passed"]
+    assert load(out) is not None  # lowbit runs it; transformers loading is the same checkpoint format as PTQ
+    code = main(["qat", str(tiny_model_dir), "--data", str(calib_file), "--seq-len", "4096", "--quiet",
+                 "--output", str(tmp_path / "short")])
+    err = capsys.readouterr().err
+    assert code == 2 and "too short for one batch" in err and not (tmp_path / "short").exists()
