@@ -164,3 +164,13 @@ def test_cli_trains_and_writes_a_checkpoint_with_its_training_record(
                  "--output", str(tmp_path / "short")])
     err = capsys.readouterr().err
     assert code == 2 and "too short for one batch" in err and not (tmp_path / "short").exists()
+
+
+def test_generated_training_data_is_sampled_from_the_model_and_cached() -> None:
+    from lowbit.qat_run import generated_samples
+
+    m, tok = tiny_llama(seed=6).float(), word_tokenizer()
+    first = generated_samples(m, tok, 3, 8, seed=0, source="tiny-6")
+    assert len(first) == 3 and all(s.shape == (8,) for s in first)
+    again = generated_samples(torch.nn.Identity(), tok, 3, 8, seed=0, source="tiny-6")  # from the cache, no model
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
