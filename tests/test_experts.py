@@ -26,14 +26,16 @@ from tests.conftest import word_tokenizer
 TINY_ARGS = ["--num-samples", "4", "--max-length", "32", "--min-length", "4", "--quiet"]
 
 
-def qwen3_moe(experts: int = 8, top_k: int = 2, seed: int = 0) -> nn.Module:
+def qwen3_moe(experts: int = 8, top_k: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Built in `dtype` (not cast afterwards: .to(bf16) would also round the rotary frequencies,
+    which a reloaded model computes in float32)."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     cfg = Qwen3MoeConfig(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                          num_experts=experts, num_experts_per_tok=top_k, max_position_embeddings=128)
     torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    m = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 3 or p.abs().sum() == 0:  # transformers leaves experts and routers for init: fill them
@@ -99,7 +101,7 @@ def test_three_d_weights_lowbit_cannot_read_are_named_not_skipped() -> None:
 
 
 def test_static_experts_follow_vllm_moe_rules() -> None:
-    m = qwen3_moe().to(torch.bfloat16)
+    m = qwen3_moe(dtype=torch.bfloat16)
     samples = [torch.randint(0, 320, (32,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
     rep = quantize_model(m, get_scheme("fp8"), samples, progress=False)
     assert "model.layers.0.mlp.gate" in rep.ignored and "model.layers.1.mlp.gate" in rep.ignored  # routers
@@ -120,7 +122,7 @@ def test_static_experts_follow_vllm_moe_rules() -> None:
 
 def test_experts_without_tokens_take_the_layer_max_and_are_named(caplog: pytest.LogCaptureFixture) -> None:
     # 8 experts, top-1, 3 tokens: at least 5 experts per layer see nothing
-    m = qwen3_moe(top_k=1).to(torch.bfloat16)
+    m = qwen3_moe(top_k=1, dtype=torch.bfloat16)
     rep = quantize_model(m, get_scheme("fp8"), [torch.tensor([5, 17, 99])], progress=False)
     assert len(rep.experts_without_tokens) >= 2 * 5 * 3
     assert "saw no calibration token" in caplog.text
@@ -132,7 +134,7 @@ def test_experts_without_tokens_take_the_layer_max_and_are_named(caplog: pytest.
 
 
 def test_calibrating_all_experts_sees_every_token_and_changes_no_output() -> None:
-    m = qwen3_moe(top_k=1).to(torch.bfloat16)
+    m = qwen3_moe(top_k=1, dtype=torch.bfloat16)
     le = m.model.layers[0].mlp.experts
     ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -153,7 +155,7 @@ def test_calibrating_all_experts_sees_every_token_and_changes_no_output() -> Non
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("tiny-moe")
-    qwen3_moe().to(torch.bfloat16).save_pretrained(d)
+    qwen3_moe(dtype=torch.bfloat16).save_pretrained(d)
     word_tokenizer().save_pretrained(d)
     return d
 
@@ -237,3 +239,50 @@ def test_the_gate_refuses_a_weight_with_nan(tmp_path: Path, calib_file: Path,
     err = capsys.readouterr().err
     assert code == 2 and "NaN or Inf in the weight of model.layers.1.self_attn.o_proj" in err
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize(("scheme", "group"), [("w8a8-int8", None), ("w4a16", 32)])
+def test_experts_in_the_integer_schemes_save_and_reload(scheme: str, group: int | None, tmp_path: Path) -> None:
+    from lowbit.checkpoint.export import save_checkpoint
+    from lowbit.checkpoint.load import load
+
+    m = qwen3_moe(dtype=torch.bfloat16)
+    s = get_scheme(scheme, group_size=group)
+    rep = quantize_model(m, s, None, progress=False)
+    assert all(isinstance(e.down_proj, QuantLinear) and e.down_proj.weight_args == s.weights
+               for _, le in expert_modules(m) for e in le.experts())  # every scheme reaches the experts
+    save_checkpoint(m, word_tokenizer(), tmp_path / "ck", scheme=s, ignore=rep.ignored, provenance={})
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "ck")(input_ids=ids).logits, m(input_ids=ids).logits)
+
+
+def test_a_group_size_that_does_not_divide_an_expert_names_it() -> None:
+    # hidden 64 splits into groups of 64; the experts' down projections take 32 inputs
+    with pytest.raises(LowbitError, match=r"model\.layers\.0\.mlp\.experts\.0\.down_proj: group size 64 does not "
+                                          r"divide the input dimension 32"):
+        quantize_model(qwen3_moe(), get_scheme("w4a16", group_size=64), None, progress=False)
+
+
+def test_allow_partial_keeps_unreadable_3d_weights_and_the_gate_records_them(tmp_path: Path) -> None:
+    from lowbit.checkpoint.export import save_checkpoint
+    from lowbit.checkpoint.integrity import gate_findings
+
+    m = qwen3_moe(dtype=torch.bfloat16)
+    m.model.layers[0].mlp.mystery = nn.Module()
+    m.model.layers[0].mlp.mystery.table = nn.Parameter(torch.ones(2, 3, 4, dtype=torch.bfloat16))
+    s = get_scheme("fp8-dynamic")
+    rep = quantize_model(m, s, None, progress=False, allow_partial=True)
+    assert m.model.layers[0].mlp.mystery.table.dim() == 3  # left as it was
+
+    def gate(d: Path, config: dict, tensors: dict) -> tuple[list[str], dict]:
+        return gate_findings(m, d, config, tensors, targets=rep.targets, ignored=rep.ignored,
+                             experts_without_tokens=[], tokenizer=None)
+
+    with pytest.raises(LowbitError, match="unquantized 3-D expert weights, e.g. model.layers.0.mlp.mystery"):
+        save_checkpoint(m, word_tokenizer(), tmp_path / "a", scheme=s, ignore=rep.ignored, provenance={}, gate=gate)
+    assert not (tmp_path / "a").exists()
+    save_checkpoint(m, word_tokenizer(), tmp_path / "b", scheme=s, ignore=rep.ignored, provenance={}, gate=gate,
+                    allow_partial=True)
+    prov = json.loads((tmp_path / "b" / "lowbit_provenance.json").read_text())
+    assert not prov["integrity"]["passed"] and "mystery" in prov["integrity"]["failures"][0]

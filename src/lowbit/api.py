@@ -172,7 +172,7 @@ def quantize(
     if algorithm == "rtn":
         report = quantize_model(
             net, recipe, samples, ignore=ignore, batch_size=batch_size, progress=progress, overrides=overrides,
-            calibrate_all_experts=calibrate_all_experts,
+            calibrate_all_experts=calibrate_all_experts, allow_partial=allow_partial,
         )
     else:
         from lowbit.algorithms.sequential import quantize_sequential

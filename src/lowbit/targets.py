@@ -40,7 +40,8 @@ def check_patterns(patterns: Iterable[str]) -> None:
 
 
 def select_linears(
-    model: nn.Module, ignore: Iterable[str] = (), *, default_ignore: Iterable[str] = DEFAULT_IGNORE
+    model: nn.Module, ignore: Iterable[str] = (), *, default_ignore: Iterable[str] = DEFAULT_IGNORE,
+    allow_partial: bool = False,
 ) -> tuple[list[str], list[str]]:
     """(targets, ignored): names of nn.Linear modules to quantize and of those kept in high precision.
 
@@ -55,7 +56,7 @@ def select_linears(
     check_patterns(user)
     patterns = list(default_ignore) + user
     kept_3d = [n for n, _ in three_d_modules(model) if any(matches(n, p) for p in patterns)]
-    linearize_experts(model, skip=lambda n: n in kept_3d)
+    linearize_experts(model, skip=lambda n: n in kept_3d, keep_unreadable=allow_partial)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise LowbitError("the model has no Linear layers to quantize")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.eval.metrics import model_device
-from lowbit.nn import QuantLinear
+from lowbit.nn import QuantLinear, weight_scale_shape
 from lowbit.nn.experts import calibrate_all_experts as calibrate_all_experts_
 from lowbit.nn.experts import count_expert_tokens, is_expert_linear, moe_scheme
 from lowbit.nn.fused import apply_fusion_rules
@@ -83,6 +83,10 @@ def quantize_weights(
         if bad:
             raise LowbitError(f"NaN or Inf in the weight of {name} ({bad} values): the model itself is broken")
         s = (overrides or {}).get(name, scheme)
+        try:
+            weight_scale_shape(s.weights, linear.out_features, linear.in_features)  # a group size that does not fit
+        except LowbitError as e:
+            raise LowbitError(f"{name}: {e}") from None
         q = QuantLinear.from_linear(linear, s.weights, s.input_activations, scale_dtype)
         set_submodule(model, name, q)
 
@@ -176,11 +180,12 @@ def quantize_model(
     progress: bool = True,
     overrides: dict[str, Scheme] | None = None,
     calibrate_all_experts: bool = False,
+    allow_partial: bool = False,
 ) -> PTQReport:
     """Quantize `model` in place with `scheme` (layers named in `overrides` with their own scheme:
     a mixed-precision plan); `samples` are needed for static activation scales. Fused experts
     become per-expert Linears first (`lowbit.nn.experts`)."""
-    targets, ignored = select_linears(model, ignore, default_ignore=default_ignore)
+    targets, ignored = select_linears(model, ignore, default_ignore=default_ignore, allow_partial=allow_partial)
     overrides = expert_overrides(targets, scheme, overrides)
     unknown = sorted(set(overrides or {}) - set(targets))
     if unknown:

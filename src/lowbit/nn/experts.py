@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -33,6 +34,8 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.scheme import Scheme
+
+log = logging.getLogger("lowbit")
 
 GATE_UP, UP, DOWN = "gate_up_proj", "up_proj", "down_proj"
 
@@ -230,10 +233,11 @@ class LinearExperts(nn.Module):
                 f"{'routed' if lay.routed else 'dense'}, {'gated' if lay.has_gate else 'ungated'}")
 
 
-def linearize_experts(model: nn.Module, skip: Any = None) -> list[str]:
+def linearize_experts(model: nn.Module, skip: Any = None, *, keep_unreadable: bool = False) -> list[str]:
     """Replace every fused-experts module by `LinearExperts` (in place); returns their names.
     `skip(name) -> bool` leaves a module as it is (an --ignore pattern); anything else with 3-D
-    parameters that cannot be interpreted raises."""
+    parameters that cannot be interpreted raises, unless `keep_unreadable` (--allow-partial): then
+    it stays as it is, in high precision, with a warning, and the integrity gate reports it."""
     from lowbit.targets import set_submodule
 
     hidden = _hidden_size(model)
@@ -242,7 +246,13 @@ def linearize_experts(model: nn.Module, skip: Any = None) -> list[str]:
     for name, mod in three_d_modules(model):
         if isinstance(mod, LinearExperts) or (skip is not None and skip(name)):
             continue
-        layout = interpret(name, mod, hidden)
+        try:
+            layout = interpret(name, mod, hidden)
+        except LowbitError as e:
+            if not keep_unreadable:
+                raise
+            log.warning("%s; kept in high precision (--allow-partial)", e)
+            continue
         layout = ExpertLayout(**{**layout.__dict__, "names": names})
         set_submodule(model, name, LinearExperts(mod, layout))
         done.append(name)
