@@ -29,6 +29,8 @@ from accuracy import CALIB, WIKI, ensure_peers, machine  # type: ignore[import-n
 # (label, scheme, algorithm, extra quantize() keyword arguments)
 LOWBIT_RUNS: list[tuple[str, str, str, dict]] = [
     ("fp8 static, rtn", "fp8", "rtn", {}),
+    ("fp8 static, rtn, percentile observer", "fp8", "rtn", {"observer": "percentile"}),
+    ("fp8 static, rtn, mse observer", "fp8", "rtn", {"observer": "mse"}),
     ("fp8 static, gptq", "fp8", "gptq", {}),
     ("fp8 static, gptq actorder", "fp8", "gptq", {"gptq_actorder": True}),
     ("fp8 static, smoothquant+gptq", "fp8", "smoothquant+gptq", {}),

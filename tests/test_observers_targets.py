@@ -71,3 +71,51 @@ def test_select_linears_and_unmatched_patterns() -> None:
         select_linears(m, ["*"])
     with pytest.raises(LowbitError, match="no Linear layers"):
         select_linears(torch.nn.Sequential(torch.nn.ReLU()))
+
+
+def _outlier_stream() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 64, generator=g)
+    x[17, 3] = 200.0  # one outlier in 262,144 values
+    return [x[:1000], x[1000:2500], x[2500:]]
+
+
+def test_percentile_observer_clips_a_lone_outlier_and_ignores_batching() -> None:
+    # 99.99th percentile of |N(0, 1)| is 3.89; the histogram's bins are 1.1% wide, so the answer
+    # lies within one bin of it; splitting the same values differently gives the same counts
+    a, b = make_observer("percentile"), make_observer("percentile")
+    for part in _outlier_stream():
+        a.update(part)
+    b.update(torch.cat(_outlier_stream()))
+    assert float(a.amax()) == float(b.amax())
+    assert 3.89 / 1.012 <= float(a.amax()) <= 3.89 * 1.012
+    assert a.tokens == 4096
+
+
+def test_mse_observer_shrinks_for_integers_not_for_e4m3() -> None:
+    # INT8's step is uniform: clipping one outlier at 200 buys a 2x finer grid for everything else;
+    # E4M3's step is relative, so the error of the bulk does not depend on the scale and the
+    # outlier's clipping error decides: keep amax
+    from lowbit.formats import E4M3, INT8
+
+    for fmt, shrinks in ((INT8, True), (E4M3, False)):
+        o = make_observer("mse", fmt=fmt)
+        for part in _outlier_stream():
+            o.update(part)
+        assert (float(o.amax()) < 150) == shrinks, (fmt.name, float(o.amax()))
+
+
+def test_a_static_scheme_calibrates_with_the_new_observers() -> None:
+    from lowbit.algorithms.ptq import quantize_model
+    from lowbit.nn import QuantLinear
+    from lowbit.scheme import get_scheme
+    from tests.conftest import tiny_llama
+
+    samples = [torch.randint(3, 300, (32,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    scales = {}
+    for obs in ("minmax", "percentile"):
+        m = tiny_llama()
+        quantize_model(m, get_scheme("fp8", observer=obs), samples, progress=False)
+        scales[obs] = {n: float(q.input_scale) for n, q in m.named_modules() if isinstance(q, QuantLinear)}
+    assert all(scales["percentile"][n] <= scales["minmax"][n] for n in scales["minmax"])
+    assert any(scales["percentile"][n] < scales["minmax"][n] for n in scales["minmax"])

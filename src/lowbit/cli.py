@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --pack: start after the first N windows (hold them out, or try another slice)")
     q.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
                    help="seeded shuffle of samples before taking --num-samples (not with --pack)")
-    q.add_argument("--observer", default=None, help="activation observer for static scales: minmax (default) | moving-minmax")
+    q.add_argument("--observer", default=None, help="activation observer for static scales: minmax (default) | moving-minmax | percentile (99.99) | mse")
     q.add_argument("--weight-observer", choices=WEIGHT_OBSERVERS, default=None,
                    help="weight scales from an MSE search over amax * [0.8, 1] (default) or from amax (minmax)")
     q.add_argument("--weight-strategy", choices=["channel", "tensor"], default=None,

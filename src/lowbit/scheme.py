@@ -123,7 +123,7 @@ SCHEMES: dict[str, Scheme] = {
     ),
 }
 
-OBSERVERS = ("minmax", "moving-minmax")
+OBSERVERS = ("minmax", "moving-minmax", "percentile", "mse")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 
 

@@ -122,7 +122,7 @@ def calibrate_inputs(
     Experts see the rows routed to them ((tokens, C), padding included when batch_size > 1).
     """
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_scale is not None}
-    observers = {n: make_observer(observer, n) for n in layers}
+    observers = {n: make_observer(observer, n, m.input_args.format if m.input_args else None) for n, m in layers.items()}
     mask_holder: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
