@@ -86,6 +86,17 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calibrate-all-experts", action="store_true",
                    help="MoE: also run every expert on every calibration token (observed only; outputs unchanged), "
                         "so rarely chosen experts get real statistics")
+    q.add_argument("--stream", action="store_true",
+                   help="models bigger than the machine: read layer by layer from the safetensors, write each "
+                        "finished layer at once, resume an interrupted run (lowbit.runtime)")
+    q.add_argument("--plan", action="store_true",
+                   help="with --stream: print peak memory, disk and estimated time (one layer measured), then stop")
+    q.add_argument("--gpus", type=_positive, default=None,
+                   help="with --stream: calibrate on N GPUs (torch.distributed, NCCL)")
+    q.add_argument("--ranks", type=_positive, default=1,
+                   help="with --stream: N processes on the CPU (gloo), e.g. to check a multi-GPU run's result")
+    q.add_argument("--activations-on-disk", action="store_true",
+                   help="with --stream: keep the calibration activations on disk instead of in memory")
     q.add_argument("--allow-partial", action="store_true",
                    help="write the checkpoint even when the integrity gate fails, recording the failures in it")
     q.add_argument("--plan-windows", type=_positive, default=2,
@@ -222,6 +233,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         source=args.calib, num_samples=args.num_samples, max_length=args.max_length, min_length=args.min_length,
         seed=args.seed, pack=args.pack, shuffle=args.shuffle, skip_windows=args.skip_windows,
     )
+    if args.stream or args.plan or args.gpus or args.ranks > 1 or args.activations_on_disk:
+        return _quantize_streaming(args, calib)
     res = quantize(
         args.model, output=args.output, scheme=args.scheme, calib=calib, ignore=args.ignore, observer=args.observer,
         weight_strategy=args.weight_strategy, weight_observer=args.weight_observer, layout=args.layout, overwrite=args.overwrite,
@@ -282,6 +295,48 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     rows += [
         ["time", ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items())],
         ["checkpoint", size],
+    ]
+    print(render(rows))
+    return 0
+
+
+def _quantize_streaming(args: argparse.Namespace, calib: Any) -> int:
+    """`quantize --stream`: lowbit.runtime.quantize_streaming, layer by layer from disk, resumable."""
+    from lowbit.runtime import quantize_streaming
+    from lowbit.runtime.plan import Plan
+    from lowbit.scheme import get_scheme
+    from lowbit.table import render
+
+    if not args.stream:
+        raise LowbitError("--plan, --gpus, --ranks and --activations-on-disk belong to --stream runs: add --stream")
+    if args.keep_fraction is not None or args.budget_kl is not None or args.candidates:
+        raise LowbitError("a mixed-precision plan measures the whole model at once: it cannot run with --stream")
+    strategy = args.weight_strategy or ("tensor" if args.layout == "autofp8" else None)
+    scheme = get_scheme(args.scheme, weight_strategy=strategy, observer=args.observer,
+                        weight_observer=args.weight_observer, group_size=args.group_size)
+    r = quantize_streaming(
+        args.model, args.output, scheme, None, algorithm=args.algorithm, ignore=args.ignore,
+        activations_on_disk=args.activations_on_disk, ranks=args.ranks, gpus=args.gpus,
+        device=None if args.gpus else _device(args.device), plan_only=args.plan, progress=not args.quiet,
+        overwrite=args.overwrite, layout=args.layout, gptq_damp=args.gptq_damp, gptq_actorder=args.actorder,
+        smoothquant_alpha=args.smoothquant_alpha, calibrate_all_experts=args.calibrate_all_experts, calib=calib,
+    )
+    if "rank" in r and r.get("rank"):  # torchrun: only rank 0 reports
+        return 0
+    if args.plan:
+        plan = Plan(**r["plan"])
+        print(render(plan.rows()))
+        return 0 if plan.fits is not False else 2
+    st = r.get("streaming", {})
+    rows: list[list[Any]] = [
+        ["model", r.get("base_model", args.model)],
+        ["scheme", f"{r.get('scheme')} ({args.layout}), {r.get('algorithm', args.algorithm)}, streamed layer by layer"],
+        ["peak memory", f"host {st.get('peak_host_bytes_rank0', 0) / 2**30:.2f} GiB (rank 0)"
+                        + (f", GPU {st['peak_gpu_bytes'] / 2**30:.2f} GiB" if st.get("peak_gpu_bytes") else "")],
+        ["resumed", f"after {st['resumed_after_units']} finished units" if st.get("resumed_after_units") else "no"],
+        ["time", ", ".join(f"{k} {v:.1f}s" for k, v in r.get("seconds", {}).items())],
+        ["checkpoint", f"{args.output} ({st.get('shards', '?')} shards); run `lowbit check` on it for the full "
+                       "integrity report"],
     ]
     print(render(rows))
     return 0
@@ -614,7 +669,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lowbit: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lowbit: interrupted; no partial output was left in place", file=sys.stderr)
+        if getattr(args, "stream", False):
+            print("lowbit: interrupted; the finished layers are kept beside the output (<output>.lowbit-partial): "
+                  "run the same command again to resume", file=sys.stderr)
+        else:
+            print("lowbit: interrupted; no partial output was left in place", file=sys.stderr)
         return 130
 
 

@@ -80,14 +80,11 @@ def resolve_model(name_or_path: str | None) -> Path | str:
     raise LowbitError(f"no model {name!r}: not a built-in ({', '.join(BUILTIN)}), a directory, or a hub id")
 
 
-def load_model(
-    name_or_path: str | Path | None, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
-) -> tuple[Any, Any, Path | str]:
-    """(model, tokenizer, resolved source) for an unquantized causal LM, in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def read_causal_config(src: Path | str) -> Any:
+    """The config of an unquantized causal LM at `src`, or a one-line LowbitError saying why not."""
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    src = resolve_model(str(name_or_path) if name_or_path else None)
     try:
         config = AutoConfig.from_pretrained(str(src))
     except Exception as e:
@@ -96,6 +93,17 @@ def load_model(
         raise LowbitError(f"{src} is a {config.model_type!r} model, not a causal language model")
     if getattr(config, "quantization_config", None):
         raise LowbitError(f"{src} is already quantized; give the original model")
+    return config
+
+
+def load_model(
+    name_or_path: str | Path | None, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> tuple[Any, Any, Path | str]:
+    """(model, tokenizer, resolved source) for an unquantized causal LM, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_model(str(name_or_path) if name_or_path else None)
+    read_causal_config(src)
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(str(src), dtype=dtype or "auto")
         tokenizer = AutoTokenizer.from_pretrained(str(src))
