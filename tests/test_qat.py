@@ -174,3 +174,34 @@ def test_generated_training_data_is_sampled_from_the_model_and_cached() -> None:
     assert len(first) == 3 and all(s.shape == (8,) for s in first)
     again = generated_samples(torch.nn.Identity(), tok, 3, 8, seed=0, source="tiny-6")  # from the cache, no model
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_ctrl_c_saves_a_state_that_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    # float32 on the CPU is deterministic: 6 steps straight, and 3 + Ctrl-C + 3 resumed, end equal
+    teacher = sharp_teacher(7)
+    batches = batches_from_samples(SAMPLES, 2)
+    cfg = QATConfig(steps=6, lr=1e-4, scale_lr=1e-3, warmup=2)
+
+    def fresh() -> torch.nn.Module:
+        s = copy.deepcopy(teacher)
+        prepare(s, get_scheme("w4a16", group_size=32), SAMPLES)
+        return s
+
+    straight = fresh()
+    train(straight, teacher, batches, cfg, progress=False)
+    state = tmp_path / "qat-state.pt"
+    interrupted = fresh()
+
+    def stop(step: int, _loss: float) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, teacher, batches, cfg, progress=False, on_step=stop, state_path=state)
+    assert state.exists()
+    resumed = fresh()
+    out = train(resumed, teacher, batches, cfg, progress=False, state_path=state)
+    assert out.steps == list(range(6)) and not state.exists()
+    for n, m in fake_layers(straight).items():
+        other = fake_layers(resumed)[n]
+        assert torch.equal(m.weight, other.weight) and torch.equal(m.log_weight_scale, other.log_weight_scale), n

@@ -669,7 +669,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lowbit: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if getattr(args, "stream", False):
+        if args.command == "qat":
+            print("lowbit: interrupted; the training state is saved beside the output (.<output>.qat-state.pt): "
+                  "run the same command again to resume", file=sys.stderr)
+        elif getattr(args, "stream", False):
             print("lowbit: interrupted; the finished layers are kept beside the output (<output>.lowbit-partial): "
                   "run the same command again to resume", file=sys.stderr)
         else:

@@ -127,7 +127,9 @@ def qat(
     targets = prepare(student, recipe, calib_samples, start=start_model)
     del start_model
     seconds["prepare"] = time.perf_counter() - t0
-    train_log = train(student, teacher, batches, cfg, eval_batches=eval_batches, progress=progress)
+    state = output.parent / f".{output.name}.qat-state.pt"  # Ctrl-C saves here; the same command resumes
+    output.parent.mkdir(parents=True, exist_ok=True)
+    train_log = train(student, teacher, batches, cfg, eval_batches=eval_batches, progress=progress, state_path=state)
     seconds["train"] = train_log.seconds
     del teacher
     convert(student)

@@ -18,8 +18,9 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -171,10 +172,16 @@ def train(
     eval_batches: list[torch.Tensor] | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    state_path: Path | None = None,
 ) -> TrainLog:
     """lowbit's training loop over `batches` ((B, T) token ids, cycled). Raises LowbitError when the
     loss stops being finite, after restoring the last good state (the one of the last held-out
-    evaluation, or the start)."""
+    evaluation, or the start).
+
+    state_path: on Ctrl-C (KeyboardInterrupt) the trainable state, optimizer, schedule and log are
+    saved there before the interrupt goes on; when the file exists at the start, training resumes
+    from it (same data order: batches are taken by step number), and an uninterrupted run and an
+    interrupted-and-resumed one end equal (tested on the CPU)."""
     layers = fake_layers(student)
     if not layers:
         raise LowbitError("the model has no fake-quantized layers: call prepare() first")
@@ -199,8 +206,42 @@ def train(
     good = {k: v.detach().clone() for k, v in student.state_dict().items() if _trainable_key(k)}
     good_step = 0
     out = TrainLog()
-    t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="QAT", unit="step", disable=not progress)
+    first = 0
+    if state_path is not None and state_path.exists():
+        saved = torch.load(state_path, map_location=device, weights_only=False)
+        if saved.get("config") != asdict(cfg):
+            raise LowbitError(f"{state_path} was saved by a run with other settings: delete it to start over")
+        student.load_state_dict(saved["params"], strict=False)
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["schedule"])
+        out = TrainLog(**saved["log"])
+        first = saved["step"]
+        log.info("QAT: resuming at step %d from %s", first, state_path)
+    t0 = time.perf_counter() - out.seconds
+    bar = tqdm(range(first, cfg.steps), desc="QAT", unit="step", disable=not progress, initial=first, total=cfg.steps)
+    try:
+        _loop(student, teacher, batches, cfg, bar, opt, sched, weights, scales, device, eval_batches, on_step, out, t0,
+              good, good_step)
+    except KeyboardInterrupt:
+        if state_path is not None:
+            out.seconds = time.perf_counter() - t0
+            params = {k: v.detach().clone() for k, v in student.state_dict().items() if _trainable_key(k)}
+            torch.save({"step": len(out.steps), "params": params, "optimizer": opt.state_dict(),
+                        "schedule": sched.state_dict(), "log": out.to_dict(), "config": asdict(cfg)}, state_path)
+            log.warning("QAT interrupted at step %d: state saved to %s; run the same command again to resume",
+                        len(out.steps), state_path)
+        raise
+    if state_path is not None and state_path.exists():
+        state_path.unlink()
+    out.seconds = time.perf_counter() - t0
+    student.eval()
+    return out
+
+
+def _loop(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Tensor], cfg: QATConfig, bar: Any,
+          opt: torch.optim.Optimizer, sched: Any, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
+          device: torch.device, eval_batches: list[torch.Tensor] | None, on_step: Callable[[int, float], None] | None,
+          out: TrainLog, t0: float, good: dict[str, torch.Tensor], good_step: int) -> None:
     for step in bar:
         ids = batches[step % len(batches)].to(device)
         with torch.no_grad():
@@ -234,9 +275,6 @@ def train(
             good = {k: v.detach().clone() for k, v in student.state_dict().items() if _trainable_key(k)}
             good_step = step + 1
             student.train()
-    out.seconds = time.perf_counter() - t0
-    student.eval()
-    return out
 
 
 def _trainable_key(key: str) -> bool:
