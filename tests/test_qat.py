@@ -109,6 +109,10 @@ def test_static_fp8_learns_its_input_scales() -> None:
           progress=False)
     after = {n: float(m.input_scale) for n, m in fake_layers(student).items()}
     assert sum(before[n] != after[n] for n in before) >= len(before) // 2
+    # q/k/v (and gate/up) learn one shared input scale: vLLM keeps one for the fused matrix
+    attn = student.model.layers[0].self_attn
+    assert attn.q_proj.log_input_scale is attn.k_proj.log_input_scale is attn.v_proj.log_input_scale
+    assert after["model.layers.0.self_attn.q_proj"] == after["model.layers.0.self_attn.v_proj"]
 
 
 def test_a_learning_rate_that_makes_the_loss_nan_stops_and_restores() -> None:
@@ -205,3 +209,26 @@ def test_ctrl_c_saves_a_state_that_resumes_to_the_uninterrupted_result(tmp_path:
     for n, m in fake_layers(straight).items():
         other = fake_layers(resumed)[n]
         assert torch.equal(m.weight, other.weight) and torch.equal(m.log_weight_scale, other.log_weight_scale), n
+
+
+def test_experts_train_like_any_linear(tmp_path: Path) -> None:
+    # a Mixture-of-Experts model: its fused 3-D experts become per-expert FakeQuantLinears, train,
+    # and export to the per-expert checkpoint layout, the trained logits equal to the exported ones
+    from tests.test_experts import qwen3_moe
+
+    teacher = qwen3_moe(top_k=2)
+    student = copy.deepcopy(teacher)
+    prepare(student, get_scheme("fp8"), SAMPLES)
+    fq = fake_layers(student)
+    assert "model.layers.1.mlp.experts.7.down_proj" in fq
+    # one input scale per MoE layer for all experts' gate/up, one for their down projections (vLLM's)
+    e0, e7 = student.model.layers[1].mlp.experts.get_submodule("0"), student.model.layers[1].mlp.experts.get_submodule("7")
+    assert e0.gate_proj.log_input_scale is e7.up_proj.log_input_scale
+    assert e0.down_proj.log_input_scale is e7.down_proj.log_input_scale
+    assert e0.gate_proj.log_weight_scale is e0.up_proj.log_weight_scale  # per-tensor w13 of one expert
+    train(student, teacher, batches_from_samples(SAMPLES, 4), QATConfig(steps=2, lr=1e-4, warmup=1), progress=False)
+    ids = torch.randint(3, 300, (1, 16))
+    with torch.no_grad():
+        trained = student(input_ids=ids).logits
+        convert(student)
+        assert torch.equal(student(input_ids=ids).logits, trained)

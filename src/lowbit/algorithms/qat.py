@@ -83,7 +83,9 @@ def prepare(
     whose codes and scales are the starting point; otherwise round to nearest, with static input
     scales calibrated on `samples` (a copy of the model is quantized for that)."""
     from lowbit.algorithms.ptq import quantize_model
+    from lowbit.targets import select_linears
 
+    select_linears(model, ignore)  # fused 3-D experts become per-expert Linears here too, so names match
     if start is None:
         ptq = copy.deepcopy(model)
         report = quantize_model(ptq, scheme, samples, ignore=ignore, progress=False)
@@ -107,6 +109,7 @@ def prepare(
         fq = FakeQuantLinear.from_quant_linear(q, weight=orig.weight.detach() if start is None else None)
         set_submodule(model, name, fq.to(orig.weight.device))
     del ptq
+    tie_fused_scales(model)
     for p in model.parameters():  # only the quantized layers train
         p.requires_grad_(False)
     for fq in fake_layers(model).values():
@@ -114,6 +117,37 @@ def prepare(
         for s in fq.scales():
             s.requires_grad_(True)
     return targets
+
+
+def tie_fused_scales(model: nn.Module) -> int:
+    """Share learned scales where vLLM keeps one: the static input scale of each fused unit (q/k/v,
+    gate/up) and of each MoE layer's w13 and w2 experts, and the per-tensor weight scale of a fused
+    unit's shards (vLLM requantizes them to one). Each shared scale starts at the largest of the
+    shards' (their PTQ values, so training starts where vLLM's loader would put it). Returns how many
+    layers now share a scale with another. Without this, shards would learn different scales and the
+    exported checkpoint would run differently in vLLM than it trained."""
+    from lowbit.nn.experts import EXPERT_LINEAR
+    from lowbit.targets import fusion_units
+
+    layers = fake_layers(model)
+    groups: list[list[FakeQuantLinear]] = [[layers[n] for n in unit] for unit in fusion_units(layers) if len(unit) > 1]
+    experts: dict[tuple[str, bool], list[FakeQuantLinear]] = {}
+    for n, m in layers.items():
+        hit = EXPERT_LINEAR.fullmatch(n)
+        if hit:
+            experts.setdefault((hit.group(1), hit.group(3) in ("down_proj", "w2")), []).append(m)
+    tied = 0
+    for group, inputs_only in [(g, False) for g in groups] + [(g, True) for g in experts.values() if len(g) > 1]:
+        if all(m.log_input_scale is not None for m in group):
+            shared = max((m.log_input_scale for m in group), key=lambda p: float(p))  # type: ignore[arg-type]
+            for m in group:
+                m.log_input_scale = shared
+            tied += len(group)
+        if not inputs_only and all(m.weight_args.strategy == "tensor" for m in group):
+            shared_w = max((m.log_weight_scale for m in group), key=lambda p: float(p))
+            for m in group:
+                m.log_weight_scale = shared_w
+    return tied
 
 
 @torch.no_grad()
@@ -190,7 +224,7 @@ def train(
     if cfg.loss != "ce" and teacher is None:
         raise LowbitError("distillation needs the original model as the teacher")
     weights = [m.weight for m in layers.values()] if cfg.train == "all" else []
-    scales = [s for m in layers.values() for s in m.scales()]
+    scales = list({id(s): s for m in layers.values() for s in m.scales()}.values())  # tied scales once
     for w in [m.weight for m in layers.values()]:
         w.requires_grad_(cfg.train == "all")
     groups = [{"params": scales, "lr": cfg.scale_lr, "weight_decay": 0.0}]
