@@ -7,6 +7,7 @@ Built from a config in the test (no download): vocab 320, hidden 64, 2 layers. I
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,15 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
         yield
     finally:
         del os.environ["LOWBIT_CACHE"]
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """For modules of tiny tensors, which threads cannot speed up: on a loaded 2-core machine,
+    OpenMP's threads spin-waiting on each other made 50 ms tests take ~10 s (and a search 70x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

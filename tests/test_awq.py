@@ -4,7 +4,7 @@ scales really give."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -18,16 +18,7 @@ from lowbit.formats import INT4, INT8, absmax, fake_quantize, scale_from_amax
 LOUD = [3, 70, 130, 200]  # one loud channel in each INT4 group of 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """These tensors are tiny, so threads gain nothing; on a loaded 2-core machine, OpenMP's two
-    threads waiting on each other made each search 70x slower (1.8 s instead of 0.026 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only contend
 
 
 def group_qdq(fmt=INT4, group_size: int = 64) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -54,19 +53,7 @@ def _tiny_llama(seed: int, *, tie: bool = False) -> Any:
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Run this module's tiny matmuls single-threaded (restored afterwards).
-
-    The models are far too small to gain from intra-op threads, and when other processes share the
-    2 CPU cores, OpenMP spin-waiting made single 50 ms tests take ~10 s.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only contend
 
 
 @pytest.fixture(scope="module")

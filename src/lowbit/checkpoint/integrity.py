@@ -24,26 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.checkpoint.check import integrity_findings, module_kind
 from lowbit.errors import LowbitError
 from lowbit.nn import QuantLinear
-from lowbit.nn.experts import is_expert_linear
 
 
 class IntegrityError(LowbitError):
     """The gate failed; the message holds one line per failed check."""
-
-
-def module_kind(name: str) -> str:
-    leaf = name.rsplit(".", 1)[-1]
-    if is_expert_linear(name) or ".experts" in name:
-        return "experts"
-    if "embed" in leaf or "wte" in leaf:
-        return "embedding"
-    if leaf in ("lm_head", "output"):
-        return "head"
-    if "attn" in name or "attention" in name:
-        return "attention"
-    return "mlp"
 
 
 def coverage(model: nn.Module, targets: list[str]) -> dict[str, dict[str, int]]:
@@ -87,14 +74,10 @@ def gate_findings(
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear) and m.input_scale is not None and m.input_tokens == 0 and name not in unseen:
             failures.append(f"calibration: {name} has a static input scale but saw no calibration token")
-    from lowbit.checkpoint.check import integrity_findings
-
     for f in integrity_findings(directory, config, tensors):
         if f.severity == "error":
             failures.append(f"{f.check}: {f.message}")
-    if tokenizer is not None:
-        if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-            failures.append("files: the tokenizer was not written")
+    if tokenizer is not None:  # the tokenizer's own presence is one of integrity_findings' checks
         if getattr(tokenizer, "chat_template", None):
             tc = directory / "tokenizer_config.json"
             has = (directory / "chat_template.jinja").exists() or (

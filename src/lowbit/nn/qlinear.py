@@ -204,16 +204,21 @@ class QuantLinear(nn.Module):
     def _tensorwise(self) -> bool:
         return self.weight_args.strategy == "tensor" and self.input_kind in ("static", "tensor")
 
+    def _native_scale_args(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight scales (1, N) or (1, 1) float32, static input scale () float32 or None) as the
+        native kernels take them."""
+        ws = self.weight_scale.float().reshape(1, -1)
+        ws = ws.reshape(1, 1) if self._tensorwise else ws.expand(1, self.out_features).contiguous()
+        xs = None if self.input_scale is None else self.input_scale.float().reshape(())
+        return ws, xs
+
     def _native_constants(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight scales (1, N) or (1, 1) float32, static input scale () float32 or None), cached:
-        scales change only through set_input_scale (which drops the cache) or by loading new tensors
-        (new storage): their addresses identify them (inference tensors have no version counter)."""
+        """`_native_scale_args`, cached: scales change only through set_input_scale (which drops the
+        cache) or by loading new tensors (new storage): their addresses identify them (inference
+        tensors have no version counter)."""
         key = (self.weight_scale.data_ptr(), 0 if self.input_scale is None else self.input_scale.data_ptr())
         if self._native_scales is None or self._native_scales[0] != key:
-            ws = self.weight_scale.float().reshape(1, -1)
-            ws = ws.reshape(1, 1) if self._tensorwise else ws.expand(1, self.out_features).contiguous()
-            xs = None if self.input_scale is None else self.input_scale.float().reshape(())
-            self._native_scales = (key, ws, xs)
+            self._native_scales = (key, *self._native_scale_args())
         return self._native_scales[1], self._native_scales[2]
 
     def _native_forward(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -222,9 +227,7 @@ class QuantLinear(nn.Module):
         if torch.compiler.is_compiling():  # torch ops only, no Python-side caches: inductor fuses the quantization
             if self.native_reason(x.device) is not None:
                 return None
-            ws = self.weight_scale.float().reshape(1, -1)
-            ws = ws.reshape(1, 1) if self._tensorwise else ws.expand(1, self.out_features)
-            xs = None if self.input_scale is None else self.input_scale.float().reshape(())
+            ws, xs = self._native_scale_args()
             return fp8_native.fp8_linear(x, self.weight, ws, xs, self.input_kind or "static", self.bias,
                                          tensorwise=self._tensorwise, fast_accum=self.fast_accum, traceable=True)
         if not self._native_ready(x):
