@@ -43,6 +43,12 @@ def main() -> None:
     ap.add_argument("--scale-lr", type=float, default=1e-4)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--data", default=None, help="QAT training data (default: the shared calibration text); "
+                    "sources joined by commas, e.g. PATH,generate:4096")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--work", type=Path, default=None, help="keep checkpoints here; reuse a post-training one found there")
+    ap.add_argument("--json", default="qat.json", help="file name under bench/results/")
     args = ap.parse_args()
 
     import torch
@@ -55,7 +61,9 @@ def main() -> None:
     from lowbit.qat_run import qat
 
     base_dir = resolve_model("smollm2-135m")
-    work = Path(tempfile.mkdtemp(prefix="lowbit-qat-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="lowbit-qat-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = args.data or str(CALIB)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
 
@@ -69,27 +77,30 @@ def main() -> None:
     for label in [r.strip() for r in args.runs.split(";") if r.strip()]:
         scheme, group, algorithm, kw = RUNS[label]
         t0 = time.perf_counter()
-        ptq = lowbit.quantize(str(base_dir), output=work / f"{label}-ptq", scheme=scheme, group_size=group,
-                              calib=CalibConfig(source=str(CALIB), num_samples=args.calib_samples, max_length=512,
-                                                pack=True),
-                              algorithm=algorithm, device=device, progress=False, **kw)
+        ptq_dir = work / f"{label}-ptq"
+        if not ptq_dir.exists():
+            lowbit.quantize(str(base_dir), output=ptq_dir, scheme=scheme, group_size=group,
+                            calib=CalibConfig(source=str(CALIB), num_samples=args.calib_samples, max_length=512,
+                                              pack=True),
+                            algorithm=algorithm, device=device, progress=False, **kw)
         ptq_s = time.perf_counter() - t0
-        base_row = {"run": f"{label} post-training ({algorithm})", "seconds": ptq_s, **ev(ptq.output)}
+        base_row = {"run": f"{label} post-training ({algorithm})", "seconds": ptq_s, **ev(ptq_dir)}
         print(json.dumps(base_row), flush=True)
         rows.append(base_row)
         for lr in [float(x) for x in args.lr.split(",")]:
             cfg = QATConfig(steps=args.steps, lr=lr, scale_lr=args.scale_lr, batch_size=args.batch_size,
-                            eval_every=max(1, args.steps // 5))
+                            eval_every=max(1, args.steps // 5), warmup=args.warmup, compile=args.compile)
             t0 = time.perf_counter()
             res = qat(str(base_dir), output=work / f"{label}-qat-{lr:g}", scheme=scheme, group_size=group,
-                      data=str(CALIB), seq_len=args.seq_len, config=cfg, start=ptq.output, device=device,
-                      progress=False)
+                      data=data, seq_len=args.seq_len, config=cfg, start=ptq_dir, device=device,
+                      progress=False, overwrite=True)
             qat_s = time.perf_counter() - t0
             q = res.provenance["qat"]
             qat_row = {"run": f"{label} QAT from {algorithm}, lr {lr:g}", "seconds": qat_s,
                        "train_seconds": res.seconds["train"], "steps": args.steps, "tokens": q["tokens"], "lr": lr,
                        "scale_lr": args.scale_lr, "batch": f"{args.batch_size} x {args.seq_len}",
-                       "held_out_loss": q["loss_curve"]["eval_loss"], **ev(res.output)}
+                       "held_out_loss": q["loss_curve"]["eval_loss"], "data": data, "compile": args.compile,
+                       "seconds_by_phase": res.seconds, "train_samples": q["train_samples"], **ev(res.output)}
             for key, gap in (("ppl", lambda r: r["ppl"] / r["ppl_base"] - 1), ("kl", lambda r: r["kl_mean"])):
                 g0, g1 = gap(base_row), gap(qat_row)
                 qat_row[f"{key}_gap_recovered"] = 1 - g1 / g0 if g0 > 0 else None
@@ -99,9 +110,9 @@ def main() -> None:
     result = {"date": date.today().isoformat(), "machine": machine(), "device": device,
               "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None, "lowbit": lowbit.__version__,
               "command": "python bench/qat.py " + " ".join(sys.argv[1:]),
-              "training": f"{CALIB.name}, {args.seq_len}-token windows, distillation (KL to bf16)",
+              "training": f"{data}, {args.seq_len}-token windows, distillation (KL to bf16)",
               "evaluation": f"{WIKI.name}: {args.windows} x 512 tokens, bf16 emulation", "rows": rows}
-    out = REPO / "bench" / "results" / "qat.json"
+    out = REPO / "bench" / "results" / args.json
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print("\n| run | ppl | ppl delta | KL | top-1 | recovered (ppl gap / KL) | seconds |\n|---|---:|---:|---:|---:|---:|---:|")

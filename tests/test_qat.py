@@ -37,6 +37,36 @@ def test_lsq_gradients_on_every_int4_code() -> None:
     torch.testing.assert_close(s.grad, 0.5 * expect.sum(), rtol=1e-6, atol=1e-4)  # float32 sum of 401 terms
 
 
+@pytest.mark.parametrize("fmt_name", ["int4", "int8", "e4m3", "e5m2"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_fake_quant_equals_the_readers_on_ties_saturation_and_subnormals(
+        fmt_name: str, granularity: str, dtype: torch.dtype) -> None:
+    # The training path (plain tensor ops, no host round trip) must give the values fake_quantize
+    # gives, which the checkpoint's reader computes: exact equality (a zero's sign aside, which
+    # torch.equal ignores). Inputs: random normals across 2^-20..2^8 of the scale (subnormals of
+    # FP8, beyond +-max: saturation), exact grid midpoints (ties to even) and +-inf.
+    from lowbit.formats import E4M3, E5M2, INT8
+    from lowbit.formats.float8 import _fake_quantize_sync_free
+
+    fmt = {"int4": INT4, "int8": INT8, "e4m3": E4M3, "e5m2": E5M2}[fmt_name]
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 16, 128
+    mag = torch.exp2(torch.randint(-20, 9, (rows, cols), generator=g).float())
+    x = torch.randn(rows, cols, generator=g) * mag
+    grid = fake_quantize(torch.linspace(-fmt.max, fmt.max, cols).expand(4, cols), torch.ones(()), fmt)
+    x[:4] = (grid + torch.roll(grid, 1, -1)) / 2  # midpoints of neighbouring grid values
+    x[4, :2] = torch.tensor([float("inf"), float("-inf")])
+    shape = {"tensor": (1, 1), "channel": (rows, 1), "group": (rows, cols // 32)}[granularity]
+    scale = (torch.rand(shape, generator=g) + 0.5).to(torch.bfloat16).float()
+    if granularity == "tensor":
+        scale = torch.ones(shape)  # the midpoints above are midpoints at scale 1
+    x = x.to(dtype)
+    got = _fake_quantize_sync_free(x, scale, fmt)
+    assert got is not None and got.dtype == dtype
+    assert torch.equal(got, fake_quantize(x, scale, fmt))
+
+
 @pytest.mark.parametrize("scheme,group", [("fp8", None), ("fp8-dynamic", None), ("w8a8-int8", None), ("w4a16", 32)])
 def test_fake_quant_forward_is_the_exported_layers(scheme: str, group: int | None) -> None:
     # what QAT trains is what the checkpoint runs: the same values bit for bit, in bf16 and float32
@@ -178,6 +208,22 @@ def test_generated_training_data_is_sampled_from_the_model_and_cached() -> None:
     assert len(first) == 3 and all(s.shape == (8,) for s in first)
     again = generated_samples(torch.nn.Identity(), tok, 3, 8, seed=0, source="tiny-6")  # from the cache, no model
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_training_data_mixes_a_text_file_with_generated_text(calib_file: Path) -> None:
+    from lowbit.qat_run import training_samples
+
+    m, tok = tiny_llama(seed=6).float(), word_tokenizer()
+    cfg = QATConfig(steps=2, batch_size=2)
+    text, held, _ = training_samples(str(calib_file), tok, m, 8, cfg, "tiny-6")
+    gen, _, _ = training_samples("generate:3", tok, m, 8, cfg, "tiny-6")
+    mixed, held_mixed, digest = training_samples(f"{calib_file}, generate:3", tok, m, 8, cfg, "tiny-6")
+    as_set = lambda xs: sorted(tuple(x.tolist()) for x in xs)  # noqa: E731
+    assert as_set(mixed) == as_set(text + gen)  # every window of both, shuffled together
+    assert [tuple(x.tolist()) for x in mixed] != [tuple(x.tolist()) for x in text + gen]
+    assert as_set(held_mixed) == as_set(held) and len(digest) == 64  # the file's held-out tail, never trained on
+    with pytest.raises(LowbitError, match="generate:N takes a number"):
+        training_samples("generate:x", tok, m, 8, cfg, "tiny-6")
 
 
 def test_ctrl_c_saves_a_state_that_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:

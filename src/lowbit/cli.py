@@ -157,6 +157,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=_positive, default=50, help="held-out loss every K steps")
     t.add_argument("--warmup", type=int, default=10)
     t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (GPU: fused kernels; the first steps are slower)")
     t.add_argument("--from", dest="start", type=Path, default=None,
                    help="start from this post-training checkpoint (e.g. made with --algorithm gptq) of the same scheme")
     t.add_argument("--output", "-o", required=True, type=Path)
@@ -603,7 +605,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
 
     cfg = QATConfig(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, batch_size=args.batch_size,
                     warmup=args.warmup, loss=args.loss, train=args.train, eval_every=args.eval_every, seed=args.seed,
-                    gradient_checkpointing=args.gradient_checkpointing)
+                    gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
     res = qat(args.model, output=args.output, scheme=args.scheme, group_size=args.group_size, data=args.data,
               seq_len=args.seq_len, config=cfg, start=args.start, device=_device(args.device), overwrite=args.overwrite,
               progress=not args.quiet)

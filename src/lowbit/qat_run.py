@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from lowbit.algorithms.qat import QATConfig, batches_from_samples, convert, plot_loss, prepare, train
 from lowbit.api import QuantizeResult, _versions
@@ -49,8 +50,9 @@ def generated_samples(model: Any, tokenizer: Any, n: int, length: int, seed: int
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     out = []
-    for start in range(0, n, 8):
-        k = min(8, n - start)
+    per_call = 512 if device.type == "cuda" else 8  # sequences sampled together
+    for start in tqdm(range(0, n, per_call), desc="generating training text", unit="batch", leave=False):
+        k = min(per_call, n - start)
         ids = torch.full((k, 1), bos, dtype=torch.long, device=device)
         seq = model.generate(ids, do_sample=True, top_k=0, temperature=1.0, max_new_tokens=length - 1,
                              min_new_tokens=length - 1, pad_token_id=bos)
@@ -88,29 +90,7 @@ def qat(
         p.requires_grad_(False)
     seconds["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    n_train = cfg.steps * cfg.batch_size
-    if data.startswith("generate:"):
-        try:
-            n = int(data.split(":", 1)[1])
-        except ValueError:
-            raise LowbitError(f"--data {data!r}: generate:N takes a number of sequences") from None
-        samples = generated_samples(teacher, tokenizer, n, seq_len, cfg.seed, str(source))
-        held = _builtin_heldout(tokenizer, seq_len)
-        data_hash = hashlib.sha256(torch.stack(samples).numpy().tobytes()).hexdigest()
-    else:
-        try:
-            calib = load_calibration(CalibConfig(source=data, num_samples=n_train + max(2, n_train // 20),
-                                                 max_length=seq_len, min_length=seq_len, pack=True), tokenizer)
-        except LowbitError as e:
-            raise LowbitError(f"the training data is too short for one batch of {seq_len}-token samples "
-                              f"(--seq-len): {e}") from None
-        samples = calib.samples
-        if data == "builtin":
-            held = _builtin_heldout(tokenizer, seq_len)
-        else:
-            cut = max(1, len(samples) // 20)
-            samples, held = samples[:-cut], samples[-cut:]
-        data_hash = hashlib.sha256(b"".join(s.numpy().tobytes() for s in samples)).hexdigest()
+    samples, held, data_hash = training_samples(data, tokenizer, teacher, seq_len, cfg, str(source))
     batches = batches_from_samples(samples, cfg.batch_size)
     if not batches:
         raise LowbitError(f"the training data gives {len(samples)} sample(s) of {seq_len} tokens: too short for one "
@@ -157,6 +137,49 @@ def qat(
     provenance["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     provenance["checkpoint_bytes"] = dir_bytes(output)
     return QuantizeResult(output, provenance, seconds)
+
+
+def training_samples(data: str, tokenizer: Any, teacher: Any, seq_len: int, cfg: QATConfig,
+                     source: str) -> tuple[list[torch.Tensor], list[torch.Tensor], str]:
+    """(training windows, held-out windows, SHA-256 of the training tokens) for `--data`: one source
+    or several joined by commas (e.g. a text file and generate:N), shuffled together with the seed.
+    Held out: the last 5% of each file's windows; the built-in held-out text for builtin and
+    generated data."""
+    n_train = cfg.steps * cfg.batch_size
+    samples: list[torch.Tensor] = []
+    held: list[torch.Tensor] = []
+    parts = [p.strip() for p in data.split(",") if p.strip()]
+    if not parts:
+        raise LowbitError("--data is empty: give builtin, a text file or generate:N")
+    for part in parts:
+        if part.startswith("generate:"):
+            try:
+                n = int(part.split(":", 1)[1])
+            except ValueError:
+                raise LowbitError(f"--data {part!r}: generate:N takes a number of sequences") from None
+            if n < 1:
+                raise LowbitError(f"--data {part!r}: generate at least one sequence")
+            samples += generated_samples(teacher, tokenizer, n, seq_len, cfg.seed, source)
+            continue
+        try:
+            calib = load_calibration(CalibConfig(source=part, num_samples=n_train + max(2, n_train // 20),
+                                                 max_length=seq_len, min_length=seq_len, pack=True), tokenizer)
+        except LowbitError as e:
+            raise LowbitError(f"the training data {part} is too short for one batch of {seq_len}-token samples "
+                              f"(--seq-len): {e}") from None
+        if part == "builtin":
+            samples += calib.samples
+        else:
+            cut = max(1, len(calib.samples) // 20)
+            samples += calib.samples[:-cut]
+            held += calib.samples[-cut:]
+    if not held:
+        held = _builtin_heldout(tokenizer, seq_len)
+    if len(parts) > 1:
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        samples = [samples[i] for i in order]
+    data_hash = hashlib.sha256(b"".join(s.numpy().tobytes() for s in samples)).hexdigest()
+    return samples, held, data_hash
 
 
 def _builtin_heldout(tokenizer: Any, seq_len: int, windows: int = 8) -> list[torch.Tensor]:

@@ -53,6 +53,7 @@ class QATConfig:
     grad_clip: float = 1.0
     seed: int = 0
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the student, the teacher and the loss (GPU: fewer, fused kernels)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -139,12 +140,12 @@ def tie_fused_scales(model: nn.Module) -> int:
     tied = 0
     for group, inputs_only in [(g, False) for g in groups] + [(g, True) for g in experts.values() if len(g) > 1]:
         if all(m.log_input_scale is not None for m in group):
-            shared = max((m.log_input_scale for m in group), key=lambda p: float(p))  # type: ignore[arg-type]
+            shared = max((m.log_input_scale for m in group), key=lambda p: float(p.detach()))  # type: ignore[union-attr]
             for m in group:
                 m.log_input_scale = shared
             tied += len(group)
         if not inputs_only and all(m.weight_args.strategy == "tensor" for m in group):
-            shared_w = max((m.log_weight_scale for m in group), key=lambda p: float(p))
+            shared_w = max((m.log_weight_scale for m in group), key=lambda p: float(p.detach()))
             for m in group:
                 m.log_weight_scale = shared_w
     return tied
@@ -253,9 +254,15 @@ def train(
         log.info("QAT: resuming at step %d from %s", first, state_path)
     t0 = time.perf_counter() - out.seconds
     bar = tqdm(range(first, cfg.steps), desc="QAT", unit="step", disable=not progress, initial=first, total=cfg.steps)
+    fwd_student: Any = student
+    fwd_teacher: Any = teacher
+    loss_fn: Any = distill_loss
+    if cfg.compile:  # the modules stay as they are (state_dict keys, evaluation): only the training calls compile
+        fwd_student, loss_fn = torch.compile(student), torch.compile(distill_loss)
+        fwd_teacher = None if teacher is None else torch.compile(teacher)
     try:
         _loop(student, teacher, batches, cfg, bar, opt, sched, weights, scales, device, eval_batches, on_step, out, t0,
-              good, good_step)
+              good, good_step, (fwd_student, fwd_teacher, loss_fn))
     except KeyboardInterrupt:
         if state_path is not None:
             out.seconds = time.perf_counter() - t0
@@ -275,13 +282,14 @@ def train(
 def _loop(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Tensor], cfg: QATConfig, bar: Any,
           opt: torch.optim.Optimizer, sched: Any, weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
           device: torch.device, eval_batches: list[torch.Tensor] | None, on_step: Callable[[int, float], None] | None,
-          out: TrainLog, t0: float, good: dict[str, torch.Tensor], good_step: int) -> None:
+          out: TrainLog, t0: float, good: dict[str, torch.Tensor], good_step: int, calls: tuple[Any, Any, Any]) -> None:
+    fwd_student, fwd_teacher, loss_fn = calls
     for step in bar:
         ids = batches[step % len(batches)].to(device)
         with torch.no_grad():
-            t_logits = teacher(input_ids=ids).logits if teacher is not None and "kd" in cfg.loss else None
+            t_logits = fwd_teacher(input_ids=ids).logits if fwd_teacher is not None and "kd" in cfg.loss else None
         try:
-            loss = distill_loss(student(input_ids=ids).logits, t_logits, ids, cfg.loss)
+            loss = loss_fn(fwd_student(input_ids=ids).logits, t_logits, ids, cfg.loss)
             value = float(loss.detach())
         except ValueError:  # a scale driven to zero, a negative value or NaN by the last update
             value = math.nan

@@ -102,6 +102,46 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, fmt: ScaledFormat = E4M3
     return fmt.quantize_dequantize(x, s)
 
 
+def _fake_quantize_sync_free(x: torch.Tensor, scale: torch.Tensor, fmt: ScaledFormat) -> torch.Tensor | None:
+    """`fake_quantize` in plain tensor ops, for training: no host round trip (no scale or NaN
+    check), no chunk loop, nothing torch.compile cannot trace; None for a format it does not cover.
+
+    Signed integer formats (round half to even, clamp to [qmin, qmax]) and minifloats whose torch
+    dtype rounds as lowbit does (E4M3FN, E5M2 and their fnuz variants: clamp to +-max, cast). Same
+    float32 division, rounding and product as `fake_quantize`, so the values are equal to its own
+    (tested), except that a zero may keep its sign. Bad scales and NaN inputs are not refused here:
+    they make the loss non-finite, which the training loop catches. On a GPU, a check per layer and
+    step would make the host wait for the GPU before launching the next layer's kernels."""
+    if hasattr(fmt, "qmin"):
+        if not getattr(fmt, "signed", False):
+            return None
+    elif not (getattr(fmt, "torch_rounds", False) and getattr(fmt, "dtype", None) in _FP8_DTYPES):
+        return None
+    s = scale.float()
+    xf = x.float()
+    grouped = s.dim() == x.dim() and s.dim() > 0 and s.shape[-1] not in (1, x.shape[-1])
+    if grouped:
+        if x.shape[-1] % s.shape[-1]:
+            raise ValueError(f"{x.shape[-1]} values do not split into {s.shape[-1]} groups")
+        xf, s = xf.unflatten(-1, (s.shape[-1], -1)), s.unsqueeze(-1)
+    v = torch.div(xf, s)
+    if hasattr(fmt, "qmin"):
+        q = v.round_().clamp_(fmt.qmin, fmt.qmax)  # type: ignore[attr-defined]
+    else:
+        q = v.clamp_(-fmt.max, fmt.max).to(fmt.dtype).float()  # type: ignore[attr-defined]
+    y = q.mul_(s)
+    return (y.flatten(-2) if grouped else y).to(x.dtype)
+
+
+_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                    if hasattr(torch, n))
+
+
+def _train_fake_quantize(x: torch.Tensor, scale: torch.Tensor, fmt: ScaledFormat) -> torch.Tensor:
+    y = _fake_quantize_sync_free(x, scale, fmt)
+    return fake_quantize(x, scale, fmt) if y is None else y
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Straight-through estimator: identity gradient inside [-max*scale, max*scale], zero outside."""
 
@@ -109,7 +149,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, fmt: ScaledFormat) -> torch.Tensor:
         s = expand_scale(scale.float(), x)
         ctx.save_for_backward(x.float().abs() <= fmt.max * s)
-        return fake_quantize(x, scale, fmt)
+        return _train_fake_quantize(x, scale, fmt)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -133,7 +173,7 @@ class _FakeQuantLSQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, fmt: ScaledFormat, grad_scale: float) -> torch.Tensor:
-        y = fake_quantize(x, scale, fmt)
+        y = _train_fake_quantize(x, scale, fmt)
         ctx.save_for_backward(x, scale, y)
         ctx.fmt, ctx.grad_scale = fmt, grad_scale
         return y

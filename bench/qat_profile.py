@@ -1,0 +1,109 @@
+"""Where a QAT training step's time goes (issue 9's speed): smollm2-135m's shape, random weights.
+
+    PYTHONPATH=src python bench/qat_profile.py [--device cuda] [--scheme w4a16] [--batch 8 --seq-len 512]
+
+Times a distillation step (teacher forward, fake-quantized student forward and backward, AdamW)
+against the same step of plain bf16 fine-tuning (no fake quantization), then prints the
+profiler's top operators for one QAT step. Writes bench/results/qat_profile.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--scheme", default="w4a16")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also time the step compiled (QATConfig(compile=True))")
+    args = ap.parse_args()
+
+    from lowbit.algorithms.qat import distill_loss, prepare
+    from lowbit.models.shapes import build_random
+    from lowbit.scheme import get_scheme
+
+    dev = args.device
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    teacher = build_random("smollm2-135m", device=dev)
+    ids = torch.randint(0, 49152, (args.batch, args.seq_len), device=dev)
+    plain = copy.deepcopy(teacher)
+    student = copy.deepcopy(teacher)
+    scheme = get_scheme(args.scheme, group_size=64 if args.scheme.startswith("w4") else None)
+    prepare(student, scheme, [ids[0]])
+
+    def stepper(model: torch.nn.Module, train_all: bool, compiled: bool = False):
+        if train_all:
+            for p in model.parameters():
+                p.requires_grad_(p.dim() == 2 and p.shape[0] != 49152)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=dev == "cuda")
+        fwd, tfwd, loss_fn = model, teacher, distill_loss
+        if compiled:
+            fwd, tfwd, loss_fn = torch.compile(model), torch.compile(teacher), torch.compile(distill_loss)
+
+        def step() -> float:
+            with torch.no_grad():
+                t = tfwd(input_ids=ids).logits
+            loss = loss_fn(fwd(input_ids=ids).logits, t, ids, "kd")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss
+
+        return step
+
+    def timed(step) -> float:
+        for _ in range(2):
+            step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        return (time.perf_counter() - t0) / args.steps
+
+    tokens = args.batch * args.seq_len
+    row = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "scheme": args.scheme,
+           "batch": f"{args.batch} x {args.seq_len}"}
+    row["bf16_finetune_step_s"] = timed(stepper(plain, True))
+    qat_step = stepper(student, False)
+    row["qat_step_s"] = timed(qat_step)
+    row["qat_tokens_per_s"] = tokens / row["qat_step_s"]
+    row["bf16_finetune_tokens_per_s"] = tokens / row["bf16_finetune_step_s"]
+    if args.compile:
+        t0 = time.perf_counter()
+        compiled_step = stepper(student, False, compiled=True)
+        compiled_step()
+        sync()
+        row["compile_s"] = time.perf_counter() - t0
+        row["qat_compiled_step_s"] = timed(compiled_step)
+        row["qat_compiled_tokens_per_s"] = tokens / row["qat_compiled_step_s"]
+    print(json.dumps(row), flush=True)
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=acts) as prof:
+        qat_step()
+        sync()
+    key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
+    print(json.dumps(row), flush=True)
+    path = REPO / "bench" / "results" / "qat_profile.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
