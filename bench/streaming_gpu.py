@@ -76,7 +76,11 @@ def tiny_checks(root: Path) -> list[dict]:
     return rows
 
 
-def big_runs(root: Path, layers: int, n: int, seq_len: int) -> list[dict]:
+CONFIGS = {"w4a16-gptq": ("w4a16", "gptq", False), "fp8-rtn": ("fp8", "rtn", False),
+           "w4a16-gptq-disk": ("w4a16", "gptq", True)}
+
+
+def big_runs(root: Path, layers: int, n: int, seq_len: int, configs: list[str], cap_gib: float | None) -> list[dict]:
     from bench.streaming_memory import layer_bytes, write_random_model
 
     model = root / f"llama-3-8b-{layers}l"
@@ -84,10 +88,10 @@ def big_runs(root: Path, layers: int, n: int, seq_len: int) -> list[dict]:
     total = write_random_model(model, layers)
     print(f"wrote {total / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
-    for scheme, algo, on_disk in [("w4a16", "gptq", False), ("fp8", "rtn", False), ("w4a16", "gptq", True)]:
+    for scheme, algo, on_disk in [CONFIGS[c] for c in configs]:
         out = root / f"out-{scheme}-{algo}-{on_disk}"
         code = CHILD.format(repo=str(REPO), model=str(model), out=str(out), scheme=scheme, algo=algo,
-                            on_disk=on_disk, n=n, seq_len=seq_len)
+                            on_disk=on_disk, n=n, seq_len=seq_len, cap=cap_gib)
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if p.returncode:
@@ -95,6 +99,7 @@ def big_runs(root: Path, layers: int, n: int, seq_len: int) -> list[dict]:
         prov = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
         st = prov["streaming"]
         row = {"scheme": scheme, "algorithm": algo, "activations_on_disk": on_disk, "layers": layers,
+               "gpu_cap_gib": cap_gib,
                "model_gib": total / 2**30, "layer_gib": layer_bytes(model) / 2**30,
                "samples": f"{n} x {seq_len}", "seconds": round(time.perf_counter() - t0, 1),
                "peak_gpu_gib": st["peak_gpu_bytes"] / 2**30, "plan_gpu_gib": st["plan"]["gpu_peak_bytes"] / 2**30,
@@ -112,6 +117,8 @@ import json, sys, torch
 sys.path.insert(0, {repo!r})
 from lowbit.runtime import quantize_streaming
 from lowbit.scheme import get_scheme
+if {cap!r} is not None:  # the bar's cap: this process may allocate at most cap GiB of the GPU
+    torch.cuda.set_per_process_memory_fraction({cap!r} * 2**30 / torch.cuda.get_device_properties(0).total_memory)
 g = torch.Generator().manual_seed(0)
 samples = [torch.randint(0, 128000, ({seq_len},), generator=g) for _ in range({n})]
 prov = quantize_streaming({model!r}, {out!r}, get_scheme({scheme!r}), samples, algorithm={algo!r}, device="cuda",
@@ -125,21 +132,26 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"of {', '.join(CONFIGS)}")
+    ap.add_argument("--cap-gib", type=float, default=None,
+                    help="cap the quantizing process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
+    ap.add_argument("--skip-tiny", action="store_true", help="only the large model")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "streaming_gpu.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     with tempfile.TemporaryDirectory(prefix="lowbit-stream-gpu-") as d:
-        tiny = tiny_checks(Path(d))
-        big = big_runs(Path(d), args.layers, args.samples, args.seq_len)
+        tiny = [] if args.skip_tiny else tiny_checks(Path(d))
+        big = big_runs(Path(d), args.layers, args.samples, args.seq_len, args.configs.split(","), args.cap_gib)
     out = {"date": str(date.today()), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
            "command": "python bench/streaming_gpu.py " + " ".join(sys.argv[1:]), "tiny": tiny, "runs": big}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2) + "\n")
-    print("\n| scheme | algorithm | activations | peak GPU (GiB) | plan GPU (GiB) | peak host (GiB) | plan host (GiB) | s |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("\n| scheme | algorithm | activations | GPU cap (GiB) | peak GPU (GiB) | plan GPU (GiB) | peak host (GiB) | plan host (GiB) | s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in big:
         print(f"| {r['scheme']} | {r['algorithm']} | {'disk' if r['activations_on_disk'] else 'memory'} | "
+              f"{r['gpu_cap_gib'] or '-'} | "
               f"{r['peak_gpu_gib']:.2f} | {r['plan_gpu_gib']:.2f} | {r['peak_host_gib']:.2f} | {r['plan_host_gib']:.2f} | "
               f"{r['seconds']:.0f} |")
 
