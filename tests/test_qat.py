@@ -85,6 +85,27 @@ def test_compiled_training_learns_as_eager_training_does(device: str) -> None:
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=2e-3, atol=0)
 
 
+def test_a_compiled_step_that_drops_gradients_is_caught() -> None:
+    # what torch 2.11 did on CUDA with a custom autograd.Function: zero weight gradients, silently
+    from lowbit.algorithms.qat import _check_compiled_gradients
+
+    teacher, student = tiny_llama(seed=3), tiny_llama()
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    prepare(student, get_scheme("w4a16", group_size=32), [ids[0]])
+    params = [m.weight for m in fake_layers(student).values()]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(LowbitError, match="run without --compile"):
+        _check_compiled_gradients(student, teacher, ids, "kd", params)
+    for p in params:
+        p.grad = None
+    t = teacher(input_ids=ids).logits.detach()
+    from lowbit.algorithms.qat import distill_loss
+
+    distill_loss(student(input_ids=ids).logits, t, ids, "kd").backward()
+    assert _check_compiled_gradients(student, teacher, ids, "kd", params) > 0.999  # eager against itself
+
+
 @pytest.mark.parametrize("fmt_name", ["int4", "int8", "e4m3", "e5m2"])
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -284,6 +284,7 @@ def _loop(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Ten
           device: torch.device, eval_batches: list[torch.Tensor] | None, on_step: Callable[[int, float], None] | None,
           out: TrainLog, t0: float, good: dict[str, torch.Tensor], good_step: int, calls: tuple[Any, Any, Any]) -> None:
     fwd_student, fwd_teacher, loss_fn = calls
+    checked = False
     for step in bar:
         ids = batches[step % len(batches)].to(device)
         with torch.no_grad():
@@ -299,6 +300,9 @@ def _loop(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Ten
             raise LowbitError(f"QAT: the {out.stopped}: lower --lr (now {cfg.lr:g}) or --scale-lr ({cfg.scale_lr:g})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.compile and not checked:  # the first compiled step of this run (resumed runs too)
+            checked = True
+            _check_compiled_gradients(student, teacher, ids, cfg.loss, [*weights, *scales])
         torch.nn.utils.clip_grad_norm_([*weights, *scales], cfg.grad_clip)
         opt.step()
         sched.step()
@@ -317,6 +321,30 @@ def _loop(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Ten
             good = {k: v.detach().clone() for k, v in student.state_dict().items() if _trainable_key(k)}
             good_step = step + 1
             student.train()
+
+
+def _check_compiled_gradients(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, kind: str,
+                               params: Sequence[torch.Tensor], min_cosine: float = 0.9) -> float:
+    """The first compiled step's gradients (in params' .grad) against an eager step's on the same
+    batch: a compiler that silently drops gradients would otherwise train nothing (torch 2.11 on
+    CUDA did, with a custom autograd.Function). Raises LowbitError below `min_cosine`; the eager
+    gradients replace the compiled ones for this step. Returns the cosine."""
+    compiled = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in params:
+        p.grad = None
+    with torch.no_grad():
+        t = teacher(input_ids=ids).logits if teacher is not None and "kd" in kind else None
+    distill_loss(student(input_ids=ids).logits, t, ids, kind).backward()
+    eager = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
+    dot = sum((c.double() * e.double()).sum() for c, e in zip(compiled, eager, strict=True))
+    nc = math.sqrt(sum(float(c.double().square().sum()) for c in compiled))
+    ne = math.sqrt(sum(float(e.double().square().sum()) for e in eager))
+    cosine = float(dot) / (nc * ne) if nc > 0 and ne > 0 else (1.0 if nc == ne == 0 else 0.0)
+    if not cosine >= min_cosine:
+        raise LowbitError(f"QAT --compile: the compiled step's gradients differ from eager ones (cosine {cosine:.3f}, "
+                          f"norms {nc:.3g} and {ne:.3g}); this torch cannot compile the step here: run without --compile")
+    log.info("QAT --compile: first step's gradients match eager ones (cosine %.4f)", cosine)
+    return cosine
 
 
 def _trainable_key(key: str) -> bool:
