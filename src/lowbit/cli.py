@@ -157,6 +157,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=_positive, default=50, help="held-out loss every K steps")
     t.add_argument("--warmup", type=int, default=10)
     t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--learn-format", action="store_true",
+                   help="fp8 schemes: learn each layer's exponent/mantissa split (Kuzmin et al. 2022) and report it; "
+                        "the checkpoint holds E4M3 with the learned clipping ranges")
+    t.add_argument("--format-lr", type=float, default=1e-2, help="learning rate of the mantissa bits (--learn-format)")
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (GPU: fused kernels; the first steps are slower)")
     t.add_argument("--from", dest="start", type=Path, default=None,
@@ -605,7 +609,8 @@ def cmd_qat(args: argparse.Namespace) -> int:
 
     cfg = QATConfig(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, batch_size=args.batch_size,
                     warmup=args.warmup, loss=args.loss, train=args.train, eval_every=args.eval_every, seed=args.seed,
-                    gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
+                    gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
+                    learn_format=args.learn_format, format_lr=args.format_lr)
     res = qat(args.model, output=args.output, scheme=args.scheme, group_size=args.group_size, data=args.data,
               seq_len=args.seq_len, config=cfg, start=args.start, device=_device(args.device), overwrite=args.overwrite,
               progress=not args.quiet)
@@ -619,12 +624,25 @@ def cmd_qat(args: argparse.Namespace) -> int:
         ["training", f"{len(curve['steps'])} steps, {q['tokens']:,} tokens of {q['data']} ({q['loss']} loss), "
                      f"lr {q['lr']:g} / scales {q['scale_lr']:g}"],
         ["loss", f"{curve['loss'][0]:.4f} -> {curve['loss'][-1]:.4f}; held-out {held}"],
+        *([["learned formats", _format_summary(q["learned_formats"])]] if q.get("learned_formats") else []),
         ["integrity", "passed" if p.get("integrity", {}).get("passed") else str(p.get("integrity"))],
         ["time", ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items())],
         ["checkpoint", f"{res.output} ({p['checkpoint_bytes'] / 2**20:.1f} MiB); loss curve qat_loss.png"],
     ]
     print(render(rows))
     return 0
+
+
+def _format_summary(formats: dict[str, dict[str, str]]) -> str:
+    """'weights: 200 E4M3, 10 E5M2; inputs: ...; exported as E4M3' from {layer: {kind: format}}."""
+    from collections import Counter
+
+    parts = []
+    for kind in ("weight", "input"):
+        counts = Counter(f[kind] for f in formats.values() if kind in f)
+        if counts:
+            parts.append(f"{kind}s: " + ", ".join(f"{n} {name}" for name, n in counts.most_common()))
+    return "; ".join(parts) + "; exported as E4M3 (learned_formats.png)"
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -19,7 +19,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lowbit.algorithms.qat import QATConfig, batches_from_samples, convert, plot_loss, prepare, train
+from lowbit.algorithms.qat import (
+    QATConfig,
+    batches_from_samples,
+    convert,
+    learned_formats,
+    plot_formats,
+    plot_loss,
+    prepare,
+    train,
+)
 from lowbit.api import QuantizeResult, _versions
 from lowbit.calibration.data import CalibConfig, load_calibration, read_text_source, token_windows
 from lowbit.checkpoint.export import save_checkpoint
@@ -104,7 +113,7 @@ def qat(
 
         start_model = load(start, device=device, fuse=False)
     calib_samples = samples[: min(len(samples), 64)]
-    targets = prepare(student, recipe, calib_samples, start=start_model)
+    targets = prepare(student, recipe, calib_samples, start=start_model, learn_format=cfg.learn_format)
     del start_model
     seconds["prepare"] = time.perf_counter() - t0
     state = output.parent / f".{output.name}.qat-state.pt"  # Ctrl-C saves here; the same command resumes
@@ -112,6 +121,11 @@ def qat(
     train_log = train(student, teacher, batches, cfg, eval_batches=eval_batches, progress=progress, state_path=state)
     seconds["train"] = train_log.seconds
     del teacher
+    formats = learned_formats(student)
+    changed = {n: f for n, f in formats.items() if any(v != "E4M3" for v in f.values())}
+    if changed:
+        log.warning("QAT --learn-format: %d of %d layers learned another format than E4M3 (listed in the provenance "
+                    "file); the checkpoint holds E4M3 with their learned clipping ranges", len(changed), len(formats))
     convert(student)
     provenance: dict[str, Any] = {
         "lowbit_version": _versions().get("lowbit"),
@@ -121,7 +135,9 @@ def qat(
         "recipe": recipe.to_dict(),
         "algorithm": "qat" + (f" from {start}" if start else " from round-to-nearest"),
         "qat": {**asdict(cfg), "data": data, "data_sha256": data_hash, "seq_len": seq_len,
-                "train_samples": len(samples), "tokens": train_log.tokens, "loss_curve": train_log.to_dict()},
+                "train_samples": len(samples), "tokens": train_log.tokens, "loss_curve": train_log.to_dict(),
+                **({"learned_formats": formats, "exported_as": "E4M3", "layers_changed_format": sorted(changed)}
+                   if formats else {})},
         "versions": _versions(),
     }
     ignored = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)]  # left in high precision
@@ -132,11 +148,17 @@ def qat(
 
     t0 = time.perf_counter()
     save_checkpoint(student, tokenizer, output, scheme=recipe, ignore=ignored, provenance=provenance,
-                    overwrite=overwrite, gate=gate, write_extra=lambda d: plot_loss(train_log, d / "qat_loss.png"))
+                    overwrite=overwrite, gate=gate, write_extra=lambda d: _plots(d, train_log, formats))
     seconds["save"] = time.perf_counter() - t0
     provenance["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     provenance["checkpoint_bytes"] = dir_bytes(output)
     return QuantizeResult(output, provenance, seconds)
+
+
+def _plots(directory: Path, train_log: Any, formats: dict[str, dict[str, str]]) -> None:
+    plot_loss(train_log, directory / "qat_loss.png")
+    if formats:
+        plot_formats(formats, directory / "learned_formats.png")
 
 
 def training_samples(data: str, tokenizer: Any, teacher: Any, seq_len: int, cfg: QATConfig,

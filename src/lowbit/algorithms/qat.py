@@ -54,6 +54,8 @@ class QATConfig:
     seed: int = 0
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the student, the teacher and the loss (GPU: fewer, fused kernels)
+    learn_format: bool = False  # FP8: learn each layer's mantissa bits (Kuzmin et al. 2022); export stays E4M3
+    format_lr: float = 1e-2  # learning rate of the mantissa bits (a change of 0.5 flips the format)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -77,6 +79,7 @@ def prepare(
     *,
     ignore: Iterable[str] = (),
     start: nn.Module | None = None,
+    learn_format: bool = False,
 ) -> list[str]:
     """Swap every target Linear of `model` for a FakeQuantLinear, in place; returns their names.
 
@@ -107,7 +110,11 @@ def prepare(
         if start is not None and (q.weight_args != scheme.weights or q.input_args != scheme.input_activations):
             raise LowbitError(f"--from checkpoint: {name} is quantized as {q.weight_args.describe()}, not as "
                               f"{scheme.weights.describe()}: a different scheme")
-        fq = FakeQuantLinear.from_quant_linear(q, weight=orig.weight.detach() if start is None else None)
+        try:
+            fq = FakeQuantLinear.from_quant_linear(q, weight=orig.weight.detach() if start is None else None,
+                                                   learn_format=learn_format)
+        except ValueError as e:
+            raise LowbitError(str(e)) from None
         set_submodule(model, name, fq.to(orig.weight.device))
     del ptq
     tie_fused_scales(model)
@@ -115,7 +122,7 @@ def prepare(
         p.requires_grad_(False)
     for fq in fake_layers(model).values():
         fq.weight.requires_grad_(True)
-        for s in fq.scales():
+        for s in fq.scales() + fq.format_params():
             s.requires_grad_(True)
     return targets
 
@@ -144,6 +151,9 @@ def tie_fused_scales(model: nn.Module) -> int:
             for m in group:
                 m.log_input_scale = shared
             tied += len(group)
+        if all(m.input_mbits is not None for m in group):  # one input, one learned format
+            for m in group[1:]:
+                m.input_mbits = group[0].input_mbits
         if not inputs_only and all(m.weight_args.strategy == "tensor" for m in group):
             shared_w = max((m.log_weight_scale for m in group), key=lambda p: float(p.detach()))
             for m in group:
@@ -229,6 +239,9 @@ def train(
     for w in [m.weight for m in layers.values()]:
         w.requires_grad_(cfg.train == "all")
     groups = [{"params": scales, "lr": cfg.scale_lr, "weight_decay": 0.0}]
+    formats = list({id(p): p for m in layers.values() for p in m.format_params()}.values())
+    if formats:
+        groups.append({"params": formats, "lr": cfg.format_lr, "weight_decay": 0.0})
     if weights:
         groups.append({"params": weights, "lr": cfg.lr, "weight_decay": 0.0})
     device = next(iter(layers.values())).weight.device
@@ -348,7 +361,7 @@ def _check_compiled_gradients(student: nn.Module, teacher: nn.Module | None, ids
 
 
 def _trainable_key(key: str) -> bool:
-    return key.endswith(("weight", "weight_scale", "input_scale"))
+    return key.endswith(("weight", "weight_scale", "input_scale", "_mbits"))
 
 
 @torch.no_grad()
@@ -370,6 +383,33 @@ def batches_from_samples(samples: list[torch.Tensor], batch_size: int) -> list[t
         n = min(lengths)
         samples = [s[:n] for s in samples]
     return [torch.stack(samples[i: i + batch_size]) for i in range(0, len(samples) - batch_size + 1, batch_size)]
+
+
+def learned_formats(model: nn.Module) -> dict[str, dict[str, str]]:
+    """{layer: {"weight": "E4M3", "input": "E5M2"}} for layers that learn their format."""
+    return {n: m.learned_formats() for n, m in fake_layers(model).items() if m.weight_mbits is not None}
+
+
+def plot_formats(formats: dict[str, dict[str, str]], path: Any) -> None:
+    """Exponent bits learned per layer (weights and inputs), in layer order, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(formats)
+    fig, ax = plt.subplots(figsize=(max(6.0, len(names) * 0.05), 3.5))
+    for kind, marker in (("weight", "o"), ("input", "x")):
+        pts = [(i, int(f[kind][1])) for i, n in enumerate(names) for f in [formats[n]] if kind in f]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, ms=3, label=kind)
+    ax.axhline(4, color="grey", lw=0.6, ls="--", label="E4M3 (start)")
+    ax.set_xlabel("layer (model order)")
+    ax.set_ylabel("exponent bits")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_loss(train_log: TrainLog, path: Any) -> None:

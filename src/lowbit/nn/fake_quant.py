@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.formats import fake_quantize_lsq, fake_quantize_ste, quantize
+from lowbit.formats import E4M3, fake_quantize_lsq, fake_quantize_ste, quantize
+from lowbit.formats.learned import fake_quantize_learned, format_name
 from lowbit.nn.qlinear import QuantLinear, dynamic_input_scale, weight_scale_shape
 from lowbit.scheme import QuantArgs
 
@@ -46,6 +47,7 @@ class FakeQuantLinear(nn.Module):
         weight_scale: torch.Tensor,
         input_scale: torch.Tensor | None = None,
         scale_dtype: torch.dtype = torch.bfloat16,
+        learn_format: bool = False,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -64,18 +66,40 @@ class FakeQuantLinear(nn.Module):
             self.log_input_scale = None
         per_scale = self.weight.numel() // self.log_weight_scale.numel()
         self._w_grad_scale = 1.0 / math.sqrt(per_scale * weights.format.max)  # LSQ's gradient scaling
+        # Kuzmin et al.: the number of mantissa bits, learned per layer for the weight and the input
+        # (`lowbit.formats.learned`); starts at E4M3's 3. The export holds E4M3 whatever is learned.
+        self.weight_mbits: nn.Parameter | None = None
+        self.input_mbits: nn.Parameter | None = None
+        if learn_format:
+            fp8 = [a for a in (weights, input_activations) if a is not None]
+            if any(a.format.name != E4M3.name for a in fp8):
+                raise ValueError("learned formats (--learn-format) start from FP8 E4M3: use the fp8 or fp8-dynamic scheme")
+            self.weight_mbits = nn.Parameter(torch.tensor(3.0))
+            if input_activations is not None:
+                self.input_mbits = nn.Parameter(torch.tensor(3.0))
 
     @classmethod
-    def from_quant_linear(cls, q: QuantLinear, weight: torch.Tensor | None = None) -> FakeQuantLinear:
+    def from_quant_linear(cls, q: QuantLinear, weight: torch.Tensor | None = None,
+                          learn_format: bool = False) -> FakeQuantLinear:
         """Start from a post-training layer: its scales, and `weight` (the float weight before
         rounding, for round-to-nearest) or its dequantized codes (GPTQ or AWQ already chose them)."""
         w = weight if weight is not None else q.dequantized_weight(torch.float32)
         return cls(w, q.bias, weights=q.weight_args, input_activations=q.input_args, weight_scale=q.weight_scale.float(),
-                   input_scale=None if q.input_scale is None else q.input_scale.float(), scale_dtype=q.weight_scale.dtype)
+                   input_scale=None if q.input_scale is None else q.input_scale.float(), scale_dtype=q.weight_scale.dtype,
+                   learn_format=learn_format)
 
     def scales(self) -> list[nn.Parameter]:
         """The learned (log-)scale parameters."""
         return [p for p in (self.log_weight_scale, self.log_input_scale) if p is not None]
+
+    def format_params(self) -> list[nn.Parameter]:
+        """The learned numbers of mantissa bits (empty unless learn_format)."""
+        return [p for p in (self.weight_mbits, self.input_mbits) if p is not None]
+
+    def learned_formats(self) -> dict[str, str]:
+        """{"weight": "E4M3", "input": ...}: the formats the forward uses now (learn_format only)."""
+        return {k: format_name(float(p.detach())) for k, p in (("weight", self.weight_mbits), ("input", self.input_mbits))
+                if p is not None}
 
     @property
     def weight_scale(self) -> torch.Tensor:
@@ -87,6 +111,8 @@ class FakeQuantLinear(nn.Module):
 
     def fake_weight(self) -> torch.Tensor:
         s = _round_ste(self.weight_scale.clamp_min(1e-12), self.scale_dtype)
+        if self.weight_mbits is not None:  # the clipping range is the learned scale times E4M3's 448
+            return fake_quantize_learned(self.weight, s * self.weight_args.format.max, self.weight_mbits)
         return fake_quantize_lsq(self.weight, s, self.weight_args.format, self._w_grad_scale)
 
     def fake_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,8 +121,12 @@ class FakeQuantLinear(nn.Module):
             return x
         in_scale = self.input_scale
         if in_scale is None:  # dynamic: the run-time scale, straight through
+            if self.input_mbits is not None:
+                return fake_quantize_learned(x, dynamic_input_scale(x, a) * a.format.max, self.input_mbits)
             return fake_quantize_ste(x, dynamic_input_scale(x, a), a.format)
         s = _round_ste(in_scale.clamp_min(1e-12), self.scale_dtype)
+        if self.input_mbits is not None:
+            return fake_quantize_learned(x, s * a.format.max, self.input_mbits)
         g = 1.0 / math.sqrt(x.numel() * a.format.max)
         return fake_quantize_lsq(x, s, a.format, g)
 
@@ -125,5 +155,6 @@ class FakeQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         a = self.input_args
         act = "none" if a is None else ("dynamic-" if a.dynamic else "static-") + a.strategy
+        learned = f", learned formats {self.learned_formats()}" if self.weight_mbits is not None else ""
         return (f"in={self.in_features}, out={self.out_features}, weight={self.weight_args.format.name}/"
-                f"{self.weight_args.strategy}, input={act}, trainable")
+                f"{self.weight_args.strategy}, input={act}, trainable{learned}")
