@@ -5,6 +5,7 @@
 #   bash bench/gpu_issue9.sh b   # carry .gpu_carry/p1, .gpu_carry/data: W4A16 g64 QAT, compiled
 #   bash bench/gpu_issue9.sh c   # (same machine) static FP8 QAT
 # .gpu_carry/data holds copies of ../shared/data (calibration/, wikitext-2-raw/).
+# Never pipe a call through tail: output that only arrives at the end is lost when the call times out.
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=src:/root/pkgs LOWBIT_CACHE=/root/lbcache LOWBIT_DATA_DIR=$PWD/.gpu_carry/data

@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time the step compiled (QATConfig(compile=True))")
     args = ap.parse_args()
 
-    from lowbit.algorithms.qat import distill_loss, prepare
+    from lowbit.algorithms.qat import _check_compiled_gradients, distill_loss, prepare
     from lowbit.models.shapes import build_random
     from lowbit.scheme import get_scheme
 
@@ -43,6 +43,9 @@ def main() -> None:
     scheme = get_scheme(args.scheme, group_size=64 if args.scheme.startswith("w4") else None)
     prepare(student, scheme, [ids[0]])
 
+    row: dict = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "scheme": args.scheme,
+                 "batch": f"{args.batch} x {args.seq_len}"}
+
     def stepper(model: torch.nn.Module, train_all: bool, compiled: bool = False):
         if train_all:
             for p in model.parameters():
@@ -53,12 +56,17 @@ def main() -> None:
         if compiled:
             fwd, tfwd, loss_fn = torch.compile(model), torch.compile(teacher), torch.compile(distill_loss)
 
+        checked = [not compiled]
+
         def step() -> float:
             with torch.no_grad():
                 t = tfwd(input_ids=ids).logits
             loss = loss_fn(fwd(input_ids=ids).logits, t, ids, "kd")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if not checked[0]:  # a compiled step is timed only once its gradients match eager ones
+                checked[0] = True
+                row["compiled_gradient_cosine"] = _check_compiled_gradients(model, teacher, ids, "kd", params)
             opt.step()
             return loss
 
@@ -75,8 +83,6 @@ def main() -> None:
         return (time.perf_counter() - t0) / args.steps
 
     tokens = args.batch * args.seq_len
-    row = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "scheme": args.scheme,
-           "batch": f"{args.batch} x {args.seq_len}"}
     row["bf16_finetune_step_s"] = timed(stepper(plain, True))
     qat_step = stepper(student, False)
     row["qat_step_s"] = timed(qat_step)
@@ -100,7 +106,7 @@ def main() -> None:
     key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
     print(json.dumps(row), flush=True)
-    path = REPO / "bench" / "results" / "qat_profile.json"
+    path = REPO / "bench" / "results" / f"qat_profile_{args.device}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row, indent=2) + "\n")
 
