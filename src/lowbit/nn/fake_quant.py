@@ -13,6 +13,11 @@ their logarithms: Adam moves a parameter by about its learning rate per step wha
 gradient's size, so on log-scales a learning rate is a relative change (1e-4: 0.01% per step),
 the same for a weight scale of 1e-4 and an activation scale of 1. On the scales themselves the same
 step would halve the smallest ones at once (measured: a static FP8 model lost accuracy in 3 steps).
+
+With `learn_format` (FP8 schemes), the weight and the input also learn their exponent/mantissa
+split (`lowbit.formats.learned`, Kuzmin et al. 2022). While a split stays E4M3 the forward is still
+the checkpoint's; a layer that learned another split is exported as E4M3 with its learned clipping
+range, and then runs differently from how it trained (the QAT run lists those layers).
 """
 
 from __future__ import annotations
