@@ -49,6 +49,22 @@ def test_gradients_straight_through_for_x_and_nonzero_for_the_clip_and_the_split
     assert m.grad is not None and float(m.grad) == 0
 
 
+def test_the_mantissa_gradient_points_where_the_error_falls() -> None:
+    # MSE of Gaussian weights falls from 2 to 3 mantissa bits, and that of a Cauchy-like tensor
+    # (Student's t, 1 degree of freedom) rises from 4 to 5: d MSE / d m must be negative at m = 2
+    # and positive at m = 4 respectively. A first version detached the biased exponent and got the
+    # sign wrong everywhere, so training walked every layer to E6M1.
+    torch.manual_seed(0)
+    for x, m0, sign in ((torch.randn(256, 1024), 2.0, -1.0),
+                        (torch.distributions.StudentT(1.0).sample((256, 1024)), 4.0, 1.0)):
+        c = x.abs().amax(-1, keepdim=True)
+        mse = [float((fake_quantize_learned(x, c, torch.tensor(m)) - x).square().mean()) for m in (m0, m0 + 1)]
+        assert (mse[1] - mse[0]) * sign > 0
+        m = torch.tensor(m0, requires_grad=True)
+        (fake_quantize_learned(x, c, m) - x).square().mean().backward()
+        assert m.grad is not None and float(m.grad) * sign > 0
+
+
 @pytest.mark.parametrize("scheme", ["fp8", "fp8-dynamic"])
 def test_an_untrained_learned_format_layer_runs_what_its_checkpoint_runs(scheme: str) -> None:
     # mantissa bits still 3: the learned quantizer is E4M3, so the forward equals the export's

@@ -12,7 +12,8 @@ binade unused (E4M3FN's NaN), so that m = 3 is exactly the E4M3FN grid with scal
 Values: x clipped to +-c, divided by sigma = c / max(e, m), rounded to the ExMy grid (ties to
 even), times sigma. Gradients: straight-through for x inside the range (zero outside), and for c
 and m through sigma and the grid step (the rounding itself passes the gradient straight through),
-as in the paper.
+with each value's exponent differentiated as log2 |x|, as in the paper: there, a normal value's
+step is 2^(floor(log2 |x|) - m) in absolute units, so more mantissa bits give a finer grid.
 """
 
 from __future__ import annotations
@@ -43,9 +44,16 @@ def fake_quantize_learned(x: torch.Tensor, clip: torch.Tensor, mbits: torch.Tens
     sigma = c / grid_max(e, m)
     xc = torch.maximum(torch.minimum(x.float(), c), -c)
     v = xc / sigma
-    with torch.no_grad():  # each value's binade (biased exponent, subnormals share the lowest)
-        p = (torch.floor(torch.log2(v.abs().clamp_min(torch.finfo(torch.float32).tiny))) + bias).clamp_min(1)
-    step = torch.exp2(p - bias - m)
+    # each value's exponent floor(log2 |v|) = floor(log2 |x| - log2 sigma), differentiated through
+    # -log2 sigma (the value is exactly the floor: the surrogate adds zero). A normal value's step
+    # in absolute units, 2^(u - m) sigma, then depends on m alone, as in the paper: more mantissa
+    # bits, a finer step. With the floor simply detached, the step would seem to follow sigma and the
+    # bias, and the gradient of the error with respect to m pointed the wrong way (measured: positive
+    # while the error falls). x keeps its straight-through gradient.
+    lv = torch.log2(v.detach().abs().clamp_min(torch.finfo(torch.float32).tiny))
+    ls = torch.log2(sigma)
+    u = torch.floor(lv) - (ls - ls.detach())
+    step = torch.exp2(torch.maximum(u, 1 - bias) - m)  # subnormals share the lowest binade's step
     q = v / step
     q = q + (q.round() - q).detach()
     return (q * step * sigma).to(x.dtype)
