@@ -404,6 +404,7 @@ def plot_formats(formats: dict[str, dict[str, str]], path: Any) -> None:
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, ms=3, label=kind)
     ax.axhline(4, color="grey", lw=0.6, ls="--", label="E4M3 (start)")
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer (model order)")
     ax.set_ylabel("exponent bits")
     ax.legend()
