@@ -300,10 +300,8 @@ def _loop(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Ten
     checked = False
     for step in bar:
         ids = batches[step % len(batches)].to(device)
-        with torch.no_grad():
-            t_logits = fwd_teacher(input_ids=ids).logits if fwd_teacher is not None and "kd" in cfg.loss else None
         try:
-            loss = loss_fn(fwd_student(input_ids=ids).logits, t_logits, ids, cfg.loss)
+            loss = _batch_loss(fwd_student, fwd_teacher, ids, cfg.loss, loss_fn)
             value = float(loss.detach())
         except ValueError:  # a scale driven to zero, a negative value or NaN by the last update
             value = math.nan
@@ -345,9 +343,7 @@ def _check_compiled_gradients(student: nn.Module, teacher: nn.Module | None, ids
     compiled = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
     for p in params:
         p.grad = None
-    with torch.no_grad():
-        t = teacher(input_ids=ids).logits if teacher is not None and "kd" in kind else None
-    distill_loss(student(input_ids=ids).logits, t, ids, kind).backward()
+    _batch_loss(student, teacher, ids, kind).backward()
     eager = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
     dot = sum((c.double() * e.double()).sum() for c, e in zip(compiled, eager, strict=True))
     nc = math.sqrt(sum(float(c.double().square().sum()) for c in compiled))
@@ -370,10 +366,15 @@ def evaluate_loss(student: nn.Module, teacher: nn.Module | None, batches: list[t
     device = next(student.parameters()).device
     total = 0.0
     for ids in batches:
-        ids = ids.to(device)
-        t = teacher(input_ids=ids).logits if teacher is not None and "kd" in kind else None
-        total += float(distill_loss(student(input_ids=ids).logits, t, ids, kind))
+        total += float(_batch_loss(student, teacher, ids.to(device), kind))
     return total / len(batches)
+
+
+def _batch_loss(student: Any, teacher: Any, ids: torch.Tensor, kind: str, loss_fn: Any = distill_loss) -> torch.Tensor:
+    """The training loss of one batch; the teacher (needed for "kd") runs without gradients."""
+    with torch.no_grad():
+        t = teacher(input_ids=ids).logits if teacher is not None and "kd" in kind else None
+    return loss_fn(student(input_ids=ids).logits, t, ids, kind)
 
 
 def batches_from_samples(samples: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:

@@ -117,13 +117,7 @@ def _fake_quantize_sync_free(x: torch.Tensor, scale: torch.Tensor, fmt: ScaledFo
             return None
     elif not (getattr(fmt, "torch_rounds", False) and getattr(fmt, "dtype", None) in _FP8_DTYPES):
         return None
-    s = scale.float()
-    xf = x.float()
-    grouped = s.dim() == x.dim() and s.dim() > 0 and s.shape[-1] not in (1, x.shape[-1])
-    if grouped:
-        if x.shape[-1] % s.shape[-1]:
-            raise ValueError(f"{x.shape[-1]} values do not split into {s.shape[-1]} groups")
-        xf, s = xf.unflatten(-1, (s.shape[-1], -1)), s.unsqueeze(-1)
+    xf, s, grouped = _grouped(x, scale)
     v = torch.div(xf, s)
     if hasattr(fmt, "qmin"):
         q = v.round_().clamp_(fmt.qmin, fmt.qmax)  # type: ignore[attr-defined]

@@ -54,14 +54,8 @@ def peak_rss() -> int:
     """Peak resident bytes of this process so far: VmHWM, the high-water mark of this process's own
     address space. Not ru_maxrss: Linux folds into it the peak of the image the process replaced at
     exec, which for a child started by vfork (Python's subprocess) is the parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+    hwm = _proc_bytes("/proc/self/status", "VmHWM:")
+    return hwm if hwm is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB
 
 
 @dataclass
@@ -208,15 +202,21 @@ class Machine:
         return cls(host, gpu, int(shutil.disk_usage(parent).free))
 
 
-def _meminfo_available() -> int:
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A "Key:  N kB" line of a /proc file in bytes; None where there is no such file or line."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return None
+
+
+def _meminfo_available() -> int:
+    avail = _proc_bytes("/proc/meminfo", "MemAvailable:")
+    return avail if avail is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def problems(plan: Plan, machine: Machine, *, resumed_bytes: int = 0) -> list[str]:
