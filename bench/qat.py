@@ -32,6 +32,28 @@ RUNS = {
 }
 
 
+def _reset_peak(device: str) -> None:
+    """Start a new peak: the GPU allocator's, or the process's resident high-water mark (Linux: writing 5
+    to /proc/self/clear_refs resets VmHWM)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak(device: str) -> int:
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default=None)
@@ -47,6 +69,9 @@ def main() -> None:
                     "sources joined by commas, e.g. PATH,generate:4096")
     ap.add_argument("--compile", action="store_true", help="torch.compile the training step")
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--train", default="all", help="what trains, comma-separated (all, scales, lora): one QAT run each")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--lora-lr", type=float, default=1e-4)
     ap.add_argument("--work", type=Path, default=None, help="keep checkpoints here; reuse a post-training one found there")
     ap.add_argument("--json", default="qat.json", help="file name under bench/results/")
     args = ap.parse_args()
@@ -87,20 +112,28 @@ def main() -> None:
         base_row = {"run": f"{label} post-training ({algorithm})", "seconds": ptq_s, **ev(ptq_dir)}
         print(json.dumps(base_row), flush=True)
         rows.append(base_row)
-        for lr in [float(x) for x in args.lr.split(",")]:
+        for lr, mode in [(float(x), m.strip()) for x in args.lr.split(",") for m in args.train.split(",")]:
             cfg = QATConfig(steps=args.steps, lr=lr, scale_lr=args.scale_lr, batch_size=args.batch_size,
-                            eval_every=max(1, args.steps // 5), warmup=args.warmup, compile=args.compile)
+                            eval_every=max(1, args.steps // 5), warmup=args.warmup, compile=args.compile, train=mode,
+                            lora_rank=args.lora_rank, lora_lr=args.lora_lr)
+            _reset_peak(device)
             t0 = time.perf_counter()
-            res = qat(str(base_dir), output=work / f"{label}-qat-{lr:g}", scheme=scheme, group_size=group,
+            res = qat(str(base_dir), output=work / f"{label}-qat-{lr:g}-{mode}", scheme=scheme, group_size=group,
                       data=data, seq_len=args.seq_len, config=cfg, start=ptq_dir, device=device,
                       progress=False, overwrite=True)
             qat_s = time.perf_counter() - t0
             q = res.provenance["qat"]
-            qat_row = {"run": f"{label} QAT from {algorithm}, lr {lr:g}", "seconds": qat_s,
+            what = {"all": f"lr {lr:g}", "scales": "scales only",
+                    "lora": f"scales, norms and LoRA rank {args.lora_rank}, lr {args.lora_lr:g}"}[mode]
+            qat_row = {"run": f"{label} QAT from {algorithm}, {what}", "seconds": qat_s, "train": mode,
                        "train_seconds": res.seconds["train"], "steps": args.steps, "tokens": q["tokens"], "lr": lr,
                        "scale_lr": args.scale_lr, "batch": f"{args.batch_size} x {args.seq_len}",
                        "held_out_loss": q["loss_curve"]["eval_loss"], "data": data, "compile": args.compile,
-                       "seconds_by_phase": res.seconds, "train_samples": q["train_samples"], **ev(res.output)}
+                       "seconds_by_phase": res.seconds, "train_samples": q["train_samples"],
+                       "peak_memory_bytes": _peak(device), "peak_memory_of": "GPU allocated" if device.startswith(
+                           "cuda") else "process resident (VmHWM, reset before the run)", **ev(res.output)}
+            if mode == "lora":
+                qat_row.update(lora_rank=args.lora_rank, lora_lr=args.lora_lr)
             for key, gap in (("ppl", lambda r: r["ppl"] / r["ppl_base"] - 1), ("kl", lambda r: r["kl_mean"])):
                 g0, g1 = gap(base_row), gap(qat_row)
                 qat_row[f"{key}_gap_recovered"] = 1 - g1 / g0 if g0 > 0 else None
@@ -115,12 +148,14 @@ def main() -> None:
     out = REPO / "bench" / "results" / args.json
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print("\n| run | ppl | ppl delta | KL | top-1 | recovered (ppl gap / KL) | seconds |\n|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| run | ppl | ppl delta | KL | top-1 | recovered (ppl gap / KL) | seconds | peak GiB |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         rec = (f"{100 * r['ppl_gap_recovered']:.0f}% / {100 * r['kl_gap_recovered']:.0f}%"
                if r.get("ppl_gap_recovered") is not None else "-")
         print(f"| {r['run']} | {r['ppl']:.3f} | {r['ppl_delta_pct']:+.2f}% | {r['kl_mean']:.4f} | "
-              f"{100 * r['top1']:.2f}% | {rec} | {r['seconds']:.0f} |")
+              f"{100 * r['top1']:.2f}% | {rec} | {r['seconds']:.0f} | "
+              + (f"{r['peak_memory_bytes'] / 2**30:.2f} |" if "peak_memory_bytes" in r else "- |"))
 
 
 if __name__ == "__main__":

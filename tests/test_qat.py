@@ -347,3 +347,126 @@ def test_experts_train_like_any_linear(tmp_path: Path) -> None:
         trained = student(input_ids=ids).logits
         convert(student)
         assert torch.equal(student(input_ids=ids).logits, trained)
+
+
+def test_lora_starts_at_the_layer_and_exports_exactly_what_it_trained() -> None:
+    # W + (alpha / r) B A is what the fake quantization rounds: with B = 0 the layer is unchanged, and
+    # after training the exported codes (the merged sum, quantized) give the training forward bit for bit
+    g = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(64, 48, bias=False)
+    s = get_scheme("w4a16", group_size=32, weight_observer="minmax")
+    q = QuantLinear.from_linear(lin, s.weights, s.input_activations, torch.float32)
+    fq = FakeQuantLinear.from_quant_linear(q, weight=lin.weight.detach())
+    x = torch.randn(3, 64, generator=g)
+    with torch.no_grad():
+        before = fq(x)
+        fq.add_lora(8, generator=g)
+        assert torch.equal(fq(x), before)
+        assert fq.lora_b is not None
+        fq.lora_b.add_(torch.randn(48, 8, generator=g) * 0.05)
+        trained = fq(x)
+        assert not torch.equal(trained, before)
+        assert torch.equal(fq.to_quant_linear()(x), trained)
+        fq.merge_lora()
+        assert fq.lora_a is None and torch.equal(fq(x), trained)
+    with pytest.raises(ValueError, match="rank 49 does not fit"):
+        fq.add_lora(49)
+
+
+def test_lora_trains_adapters_and_norms_leaves_the_weights_and_merges_on_export(tmp_path: Path) -> None:
+    teacher = sharp_teacher(2)
+    student = copy.deepcopy(teacher)
+    scheme = get_scheme("w4a16", group_size=32)
+    prepare(student, scheme, SAMPLES)
+    weights = {n: m.weight.detach().clone() for n, m in fake_layers(student).items()}
+    norm0 = student.model.layers[0].input_layernorm.weight.detach().clone()
+    batches = batches_from_samples(SAMPLES, 4)
+    cfg = QATConfig(steps=12, scale_lr=1e-4, batch_size=4, warmup=2, train="lora", lora_rank=4, lora_lr=3e-3)
+    out = train(student, teacher, batches, cfg, progress=False)
+    # same bar and reason as the full-weight test: 80% of the start is well outside batch noise (~15%)
+    assert sum(out.loss[-4:]) / 4 < 0.8 * sum(out.loss[:2]) / 2, out.loss
+    layers = fake_layers(student)
+    assert all(torch.equal(m.weight, weights[n]) and m.weight.grad is None for n, m in layers.items())
+    assert all(m.lora_a is not None and m.lora_a.shape == (4, m.in_features) for m in layers.values())
+    assert all(m.lora_b is not None and m.lora_b.abs().sum() > 0 for m in layers.values())
+    assert not torch.equal(student.model.layers[0].input_layernorm.weight, norm0)
+    ids = torch.randint(3, 300, (2, 20))
+    with torch.no_grad():
+        trained = student(input_ids=ids).logits
+        convert(student)
+        exported = student(input_ids=ids).logits
+    assert torch.equal(trained, exported)
+    save_checkpoint(student, word_tokenizer(), tmp_path / "ck", scheme=scheme, ignore=["lm_head"], provenance={})
+    back = load(tmp_path / "ck", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, exported)
+
+
+def test_bf16_norms_train_on_a_float32_master_and_come_back_in_bf16() -> None:
+    from lowbit.algorithms.qat import norm_parameters
+
+    model = tiny_llama(seed=6).to(torch.bfloat16)
+    ids = torch.randint(3, 300, (1, 12))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    params = norm_parameters(model)
+    assert len(params) == 2 * len(model.model.layers) + 1  # two per layer and the final norm
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)  # reading the master in bf16 changes nothing
+        params[0].add_(1e-3)  # below bf16's step at 1.0 (2**-7): a bf16 weight would not have moved
+    assert float(params[0].detach()[0]) == pytest.approx(1.001, abs=1e-6)
+    convert(model)
+    w = model.model.layers[0].input_layernorm.weight
+    assert w.dtype == torch.bfloat16 and not any("parametrizations" in n for n, _ in model.named_parameters())
+
+
+def test_ctrl_c_resumes_a_lora_run_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    teacher = sharp_teacher(8)
+    batches = batches_from_samples(SAMPLES, 2)
+    cfg = QATConfig(steps=4, scale_lr=1e-3, warmup=1, train="lora", lora_rank=2, lora_lr=1e-3)
+
+    def fresh() -> torch.nn.Module:
+        s = copy.deepcopy(teacher)
+        prepare(s, get_scheme("w4a16", group_size=32), SAMPLES)
+        return s
+
+    straight = fresh()
+    train(straight, teacher, batches, cfg, progress=False)
+    interrupted, state = fresh(), tmp_path / "state.pt"
+
+    def stop(step: int, _loss: float) -> None:
+        if step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, teacher, batches, cfg, progress=False, on_step=stop, state_path=state)
+    resumed = fresh()
+    train(resumed, teacher, batches, cfg, progress=False, state_path=state)
+    for n, m in fake_layers(straight).items():
+        other = fake_layers(resumed)[n]
+        assert torch.equal(m.lora_b, other.lora_b) and torch.equal(m.lora_a, other.lora_a), n
+    assert torch.equal(straight.model.norm.weight, resumed.model.norm.weight)
+
+
+def test_cli_lora_run_writes_a_merged_checkpoint(tmp_path: Path, tiny_model_dir: Path, calib_file: Path) -> None:
+    import json
+
+    from lowbit.checkpoint.io import load_tensors
+    from lowbit.cli import main
+
+    out = tmp_path / "qat-lora"
+    code = main(["qat", str(tiny_model_dir), "--scheme", "w4a16", "--group-size", "32", "--data", str(calib_file),
+                 "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--train", "lora", "--lora-rank", "4",
+                 "--lora-lr", "1e-2", "--quiet", "--output", str(out)])
+    assert code == 0
+    prov = json.loads((out / "lowbit_provenance.json").read_text())
+    assert prov["qat"]["train"] == "lora" and prov["qat"]["lora_rank"] == 4 and prov["integrity"]["passed"]
+    tensors = load_tensors(out)
+    assert not any("lora" in k or "parametrizations" in k for k in tensors)  # merged, norms plain again
+    src = load_tensors(tiny_model_dir)
+    norm = "model.layers.0.input_layernorm.weight"
+    assert tensors[norm].dtype == src[norm].dtype and not torch.equal(tensors[norm], src[norm])  # the norms trained
+    with pytest.raises(SystemExit) as bad:  # argparse: one usage line, exit code 2
+        main(["qat", str(tiny_model_dir), "--train", "lora", "--lora-rank", "0", "--output", str(tmp_path / "bad")])
+    assert bad.value.code == 2 and not (tmp_path / "bad").exists()

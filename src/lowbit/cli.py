@@ -152,8 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--scale-lr", type=float, default=1e-4, help="learning rate of the quantization scales")
     t.add_argument("--loss", choices=["kd", "ce", "kd+ce"], default="kd",
                    help="kd: KL to the original model's logits (default); ce: next-token cross-entropy; both")
-    t.add_argument("--train", choices=["all", "scales"], default="all",
-                   help="all: weights and scales; scales: only the quantization scales (models that do not fit)")
+    t.add_argument("--train", choices=["all", "scales", "lora"], default="all",
+                   help="all: weights and scales; scales: only the quantization scales; lora: the scales, the norms "
+                        "and LoRA adapters, merged before export (models that do not fit full fine-tuning)")
+    t.add_argument("--lora-rank", type=_positive, default=16, help="rank of the LoRA adapters (--train lora)")
+    t.add_argument("--lora-lr", type=float, default=1e-4, help="learning rate of the adapters and norms (--train lora)")
     t.add_argument("--eval-every", type=_positive, default=50, help="held-out loss every K steps")
     t.add_argument("--warmup", type=int, default=10)
     t.add_argument("--gradient-checkpointing", action="store_true")
@@ -610,7 +613,8 @@ def cmd_qat(args: argparse.Namespace) -> int:
     cfg = QATConfig(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, batch_size=args.batch_size,
                     warmup=args.warmup, loss=args.loss, train=args.train, eval_every=args.eval_every, seed=args.seed,
                     gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
-                    learn_format=args.learn_format, format_lr=args.format_lr)
+                    learn_format=args.learn_format, format_lr=args.format_lr, lora_rank=args.lora_rank,
+                    lora_lr=args.lora_lr)
     res = qat(args.model, output=args.output, scheme=args.scheme, group_size=args.group_size, data=args.data,
               seq_len=args.seq_len, config=cfg, start=args.start, device=_device(args.device), overwrite=args.overwrite,
               progress=not args.quiet)

@@ -37,7 +37,7 @@ from lowbit.targets import set_submodule
 log = logging.getLogger("lowbit")
 
 LOSSES = ("kd", "ce", "kd+ce")
-TRAINABLE = ("all", "scales")
+TRAINABLE = ("all", "scales", "lora")
 
 
 @dataclass
@@ -48,7 +48,10 @@ class QATConfig:
     batch_size: int = 4
     warmup: int = 10  # steps of linear warm-up, then cosine decay to 10%
     loss: str = "kd"  # kd: KL(original || quantized) of the next-token distributions; ce; kd+ce
-    train: str = "all"  # all: weights and scales; scales: the learned scales only (models that do not fit)
+    train: str = "all"  # all: weights and scales; scales: the learned scales only; lora: scales, norms and
+    # LoRA adapters (merged before export): no gradient or optimizer state for the weights (models that do not fit)
+    lora_rank: int = 16
+    lora_lr: float = 1e-4  # LoRA adapters and norms
     eval_every: int = 50
     grad_clip: float = 1.0
     seed: int = 0
@@ -61,10 +64,12 @@ class QATConfig:
         if self.loss not in LOSSES:
             raise LowbitError(f"unknown QAT loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         if self.train not in TRAINABLE:
-            raise LowbitError(f"--train {self.train!r}: choose all or scales")
+            raise LowbitError(f"--train {self.train!r}: choose all, scales or lora")
+        if self.lora_rank < 1:
+            raise LowbitError(f"--lora-rank must be at least 1, got {self.lora_rank}")
         if self.steps < 1 or self.batch_size < 1:
             raise LowbitError("QAT needs at least one step of at least one sample")
-        if not (self.lr > 0 and self.scale_lr >= 0 and math.isfinite(self.lr)):
+        if not (self.lr > 0 and self.scale_lr >= 0 and self.lora_lr > 0 and math.isfinite(self.lr)):
             raise LowbitError(f"learning rates must be positive and finite, got {self.lr} and {self.scale_lr}")
 
 
@@ -161,9 +166,73 @@ def tie_fused_scales(model: nn.Module) -> int:
     return tied
 
 
+def add_lora(model: nn.Module, rank: int, seed: int = 0) -> list[nn.Parameter]:
+    """LoRA adapters of rank `rank` on every FakeQuantLinear that has none (after `prepare`); returns
+    the adapters. The model's output does not change until they train; `convert` merges them."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, fq in fake_layers(model).items():
+        if fq.lora_a is None:
+            try:
+                fq.add_lora(min(rank, fq.in_features, fq.out_features), generator=gen)
+            except ValueError as e:
+                raise LowbitError(f"{name}: {e}") from None
+    return [p for fq in fake_layers(model).values() for p in fq.lora_params()]
+
+
+class _CastTo(nn.Module):
+    """A parametrization: a float32 master parameter, read in the model's dtype (bf16 norms would
+    lose updates smaller than their rounding step, 0.4%)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w.to(self.dtype)
+
+    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        return w.float()
+
+
+def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The weights of the model's normalization layers (RMSNorm, LayerNorm), made trainable in float32:
+    a norm in a lower dtype gets a float32 master parameter (`_CastTo`), removed by `convert`."""
+    from torch.nn.utils import parametrize
+
+    out = []
+    for mod in model.modules():
+        if not type(mod).__name__.endswith(("RMSNorm", "LayerNorm")):
+            continue
+        if not parametrize.is_parametrized(mod, "weight"):
+            w = getattr(mod, "weight", None)
+            if not (isinstance(w, nn.Parameter) and w.dim() == 1):
+                continue
+            if w.dtype == torch.float32:
+                w.requires_grad_(True)
+                out.append(w)
+                continue
+            dtype = w.dtype
+            mod.weight = nn.Parameter(w.detach().float())  # the master, read back as `dtype` through _CastTo
+            parametrize.register_parametrization(mod, "weight", _CastTo(dtype), unsafe=True)  # read in another dtype
+        p = mod.parametrizations["weight"].original  # type: ignore[index,union-attr]
+        assert isinstance(p, nn.Parameter)
+        p.requires_grad_(True)
+        out.append(p)
+    return out
+
+
 @torch.no_grad()
 def convert(model: nn.Module) -> nn.Module:
-    """Every FakeQuantLinear back to the QuantLinear it exports as (in place); returns the model."""
+    """Every FakeQuantLinear back to the QuantLinear it exports as (in place), LoRA adapters merged
+    and trained norms back in the model's dtype; returns the model."""
+    from torch.nn.utils import parametrize
+
+    for mod in model.modules():
+        if parametrize.is_parametrized(mod, "weight") and isinstance(
+                mod.parametrizations.weight[0], _CastTo):  # type: ignore[union-attr,index]
+            value = mod.weight.detach().clone()  # the master, rounded to the model's dtype
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+            mod.weight = nn.Parameter(value, requires_grad=False)
     for name, fq in fake_layers(model).items():
         set_submodule(model, name, fq.to_quant_linear())
     for p in model.parameters():
@@ -242,7 +311,11 @@ def train(
     formats = list({id(p): p for m in layers.values() for p in m.format_params()}.values())
     if formats:
         groups.append({"params": formats, "lr": cfg.format_lr, "weight_decay": 0.0})
-    if weights:
+    if cfg.train == "lora":  # adapters (created here unless the caller did) and norms, on their own rate
+        adapters = [p for m in layers.values() for p in m.lora_params()] or add_lora(student, cfg.lora_rank, cfg.seed)
+        weights = adapters + norm_parameters(student)
+        groups.append({"params": weights, "lr": cfg.lora_lr, "weight_decay": 0.0})
+    elif weights:
         groups.append({"params": weights, "lr": cfg.lr, "weight_decay": 0.0})
     device = next(iter(layers.values())).weight.device
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=device.type == "cuda")
@@ -357,7 +430,7 @@ def _check_compiled_gradients(student: nn.Module, teacher: nn.Module | None, ids
 
 
 def _trainable_key(key: str) -> bool:
-    return key.endswith(("weight", "weight_scale", "input_scale", "_mbits"))
+    return key.endswith(("weight", "weight_scale", "input_scale", "_mbits", "lora_a", "lora_b", ".original"))
 
 
 @torch.no_grad()

@@ -18,6 +18,10 @@ With `learn_format` (FP8 schemes), the weight and the input also learn their exp
 split (`lowbit.formats.learned`, Kuzmin et al. 2022). While a split stays E4M3 the forward is still
 the checkpoint's; a layer that learned another split is exported as E4M3 with its learned clipping
 range, and then runs differently from how it trained (the QAT run lists those layers).
+
+With LoRA adapters (`add_lora`, Hu et al. 2021) the master weight is W + (alpha / r) B A, and the
+fake quantization applies to that sum: the frozen W needs no gradient and no optimizer state, and
+the export quantizes the merged sum, so the forward is still exactly the exported layer's.
 """
 
 from __future__ import annotations
@@ -82,6 +86,37 @@ class FakeQuantLinear(nn.Module):
             self.weight_mbits = nn.Parameter(torch.tensor(3.0))
             if input_activations is not None:
                 self.input_mbits = nn.Parameter(torch.tensor(3.0))
+        self.lora_a: nn.Parameter | None = None  # (rank, in)
+        self.lora_b: nn.Parameter | None = None  # (out, rank), starts at zero
+        self.lora_scale = 1.0
+
+    def add_lora(self, rank: int, alpha: float | None = None, generator: torch.Generator | None = None) -> None:
+        """LoRA adapters of rank `rank` on the master weight: W + (alpha / rank) B A, with A drawn as
+        PEFT draws it (Kaiming-uniform) and B zero, so the layer starts exactly where it was."""
+        if not 1 <= rank <= min(self.in_features, self.out_features):
+            raise ValueError(f"LoRA rank {rank} does not fit a {self.out_features} x {self.in_features} layer "
+                             f"(1 to {min(self.in_features, self.out_features)})")
+        a = torch.empty(rank, self.in_features, device=self.weight.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_a = nn.Parameter(a)
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))
+        self.lora_scale = (alpha if alpha is not None else rank) / rank
+
+    def lora_params(self) -> list[nn.Parameter]:
+        return [p for p in (self.lora_a, self.lora_b) if p is not None]
+
+    def master_weight(self) -> torch.Tensor:
+        """The float32 weight the fake quantization rounds: the master weight, plus the adapters' product."""
+        if self.lora_a is None or self.lora_b is None:
+            return self.weight
+        return self.weight + self.lora_scale * (self.lora_b @ self.lora_a)
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """Fold the adapters into the master weight and drop them (the forward does not change)."""
+        if self.lora_a is not None:
+            self.weight.copy_(self.master_weight())
+            self.lora_a = self.lora_b = None
 
     @classmethod
     def from_quant_linear(cls, q: QuantLinear, weight: torch.Tensor | None = None,
@@ -117,8 +152,8 @@ class FakeQuantLinear(nn.Module):
     def fake_weight(self) -> torch.Tensor:
         s = _round_ste(self.weight_scale.clamp_min(1e-12), self.scale_dtype)
         if self.weight_mbits is not None:  # the clipping range is the learned scale times E4M3's 448
-            return fake_quantize_learned(self.weight, s * self.weight_args.format.max, self.weight_mbits)
-        return fake_quantize_lsq(self.weight, s, self.weight_args.format, self._w_grad_scale)
+            return fake_quantize_learned(self.master_weight(), s * self.weight_args.format.max, self.weight_mbits)
+        return fake_quantize_lsq(self.master_weight(), s, self.weight_args.format, self._w_grad_scale)
 
     def fake_input(self, x: torch.Tensor) -> torch.Tensor:
         a = self.input_args
@@ -147,7 +182,7 @@ class FakeQuantLinear(nn.Module):
         q = QuantLinear(self.in_features, self.out_features, weights=self.weight_args,
                         input_activations=self.input_args, bias=self.bias is not None, scale_dtype=self.scale_dtype,
                         device=self.weight.device)
-        q.weight.copy_(quantize(self.weight, scale.float(), self.weight_args.format))
+        q.weight.copy_(quantize(self.master_weight(), scale.float(), self.weight_args.format))
         q.weight_scale.copy_(scale)
         in_scale = self.input_scale
         if q.input_scale is not None:
@@ -161,5 +196,7 @@ class FakeQuantLinear(nn.Module):
         a = self.input_args
         act = "none" if a is None else ("dynamic-" if a.dynamic else "static-") + a.strategy
         learned = f", learned formats {self.learned_formats()}" if self.weight_mbits is not None else ""
+        if self.lora_a is not None:
+            learned += f", LoRA rank {self.lora_a.shape[0]}"
         return (f"in={self.in_features}, out={self.out_features}, weight={self.weight_args.format.name}/"
                 f"{self.weight_args.strategy}, input={act}, trainable{learned}")
