@@ -230,7 +230,7 @@ def convert(model: nn.Module) -> nn.Module:
     for mod in model.modules():
         if parametrize.is_parametrized(mod, "weight") and isinstance(
                 mod.parametrizations.weight[0], _CastTo):  # type: ignore[union-attr,index]
-            value = mod.weight.detach().clone()  # the master, rounded to the model's dtype
+            value = mod.weight.detach().clone()  # type: ignore[operator]  # the master, in the model dtype
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
             mod.weight = nn.Parameter(value, requires_grad=False)
     for name, fq in fake_layers(model).items():
