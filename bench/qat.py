@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the training step")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--train", default="all", help="what trains, comma-separated (all, scales, lora): one QAT run each")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--lora-lr", type=float, default=1e-4)
     ap.add_argument("--work", type=Path, default=None, help="keep checkpoints here; reuse a post-training one found there")
@@ -115,7 +116,8 @@ def main() -> None:
         for lr, mode in [(float(x), m.strip()) for x in args.lr.split(",") for m in args.train.split(",")]:
             cfg = QATConfig(steps=args.steps, lr=lr, scale_lr=args.scale_lr, batch_size=args.batch_size,
                             eval_every=max(1, args.steps // 5), warmup=args.warmup, compile=args.compile, train=mode,
-                            lora_rank=args.lora_rank, lora_lr=args.lora_lr)
+                            lora_rank=args.lora_rank, lora_lr=args.lora_lr,
+                            gradient_checkpointing=args.gradient_checkpointing)
             _reset_peak(device)
             t0 = time.perf_counter()
             res = qat(str(base_dir), output=work / f"{label}-qat-{lr:g}-{mode}", scheme=scheme, group_size=group,
@@ -125,7 +127,7 @@ def main() -> None:
             q = res.provenance["qat"]
             what = {"all": f"lr {lr:g}", "scales": "scales only",
                     "lora": f"scales, norms and LoRA rank {args.lora_rank}, lr {args.lora_lr:g}"}[mode]
-            qat_row = {"run": f"{label} QAT from {algorithm}, {what}", "seconds": qat_s, "train": mode,
+            qat_row = {"run": f"{label} QAT from {algorithm}, {what}", "seconds": qat_s, "train": mode, "gradient_checkpointing": args.gradient_checkpointing,
                        "train_seconds": res.seconds["train"], "steps": args.steps, "tokens": q["tokens"], "lr": lr,
                        "scale_lr": args.scale_lr, "batch": f"{args.batch_size} x {args.seq_len}",
                        "held_out_loss": q["loss_curve"]["eval_loss"], "data": data, "compile": args.compile,

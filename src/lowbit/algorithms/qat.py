@@ -324,7 +324,7 @@ def train(
     if cfg.gradient_checkpointing and callable(enable):
         enable()
     student.train()
-    good = {k: v.detach().clone() for k, v in student.state_dict().items() if _trainable_key(k)}
+    good = _trainable_state(student)
     good_step = 0
     out = TrainLog()
     first = 0
@@ -352,7 +352,7 @@ def train(
     except KeyboardInterrupt:
         if state_path is not None:
             out.seconds = time.perf_counter() - t0
-            params = {k: v.detach().clone() for k, v in student.state_dict().items() if _trainable_key(k)}
+            params = _trainable_state(student)
             torch.save({"step": len(out.steps), "params": params, "optimizer": opt.state_dict(),
                         "schedule": sched.state_dict(), "log": out.to_dict(), "config": asdict(cfg)}, state_path)
             log.warning("QAT interrupted at step %d: state saved to %s; run the same command again to resume",
@@ -402,7 +402,7 @@ def _loop(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Ten
             out.eval_steps.append(step + 1)
             out.eval_loss.append(evaluate_loss(student, teacher, eval_batches, cfg.loss))
             log.info("QAT step %d: held-out %s loss %.5f", step + 1, cfg.loss, out.eval_loss[-1])
-            good = {k: v.detach().clone() for k, v in student.state_dict().items() if _trainable_key(k)}
+            good = _trainable_state(student)
             good_step = step + 1
             student.train()
 
@@ -429,8 +429,10 @@ def _check_compiled_gradients(student: nn.Module, teacher: nn.Module | None, ids
     return cosine
 
 
-def _trainable_key(key: str) -> bool:
-    return key.endswith(("weight", "weight_scale", "input_scale", "_mbits", "lora_a", "lora_b", ".original"))
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the parameters that train, under their state_dict names (a tied scale under each of
+    its names): what a restore or a resume needs. Frozen weights (--train lora, scales) are not copied."""
+    return {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
 
 @torch.no_grad()
