@@ -70,7 +70,8 @@ class QATConfig:
         if self.steps < 1 or self.batch_size < 1:
             raise LowbitError("QAT needs at least one step of at least one sample")
         if not (self.lr > 0 and self.scale_lr >= 0 and self.lora_lr > 0 and math.isfinite(self.lr)):
-            raise LowbitError(f"learning rates must be positive and finite, got {self.lr} and {self.scale_lr}")
+            raise LowbitError(f"learning rates must be positive and finite, got {self.lr}, {self.scale_lr} (scales) "
+                              f"and {self.lora_lr} (LoRA)")
 
 
 def fake_layers(model: nn.Module) -> dict[str, FakeQuantLinear]:
