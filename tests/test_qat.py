@@ -470,3 +470,19 @@ def test_cli_lora_run_writes_a_merged_checkpoint(tmp_path: Path, tiny_model_dir:
     with pytest.raises(SystemExit) as bad:  # argparse: one usage line, exit code 2
         main(["qat", str(tiny_model_dir), "--train", "lora", "--lora-rank", "0", "--output", str(tmp_path / "bad")])
     assert bad.value.code == 2 and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lora_trains_and_exports_on_cuda() -> None:
+    # adapters drawn with a CPU generator, then moved; bf16 norms on float32 masters; the export equal
+    teacher = sharp_teacher(9).cuda()
+    student = copy.deepcopy(teacher)
+    prepare(student, get_scheme("w4a16", group_size=32), [s.cuda() for s in SAMPLES])
+    cfg = QATConfig(steps=3, warmup=1, train="lora", lora_rank=4, lora_lr=1e-3)
+    train(student, teacher, [b.cuda() for b in batches_from_samples(SAMPLES, 4)], cfg, progress=False)
+    assert all(m.lora_a is not None and m.lora_a.is_cuda for m in fake_layers(student).values())
+    ids = torch.randint(3, 300, (2, 20), device="cuda")
+    with torch.no_grad():
+        trained = student(input_ids=ids).logits
+        convert(student)
+        assert torch.equal(student(input_ids=ids).logits, trained)

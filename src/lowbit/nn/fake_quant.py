@@ -96,9 +96,9 @@ class FakeQuantLinear(nn.Module):
         if not 1 <= rank <= min(self.in_features, self.out_features):
             raise ValueError(f"LoRA rank {rank} does not fit a {self.out_features} x {self.in_features} layer "
                              f"(1 to {min(self.in_features, self.out_features)})")
-        a = torch.empty(rank, self.in_features, device=self.weight.device, dtype=torch.float32)
+        a = torch.empty(rank, self.in_features, dtype=torch.float32)  # drawn on the CPU (a CPU generator), then moved
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        self.lora_a = nn.Parameter(a)
+        self.lora_a = nn.Parameter(a.to(self.weight.device))
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))
         self.lora_scale = (alpha if alpha is not None else rank) / rank
 
