@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.algorithms.qat import QATConfig, batches_from_samples, convert, fake_layers, prepare, train
+from lowbit.algorithms.qat import (
+    QATConfig,
+    TrainLog,
+    batches_from_samples,
+    convert,
+    fake_layers,
+    prepare,
+    train,
+)
 from lowbit.checkpoint.export import save_checkpoint
 from lowbit.checkpoint.load import load
 from lowbit.errors import LowbitError
@@ -295,11 +303,11 @@ def test_training_data_mixes_a_text_file_with_generated_text(calib_file: Path) -
         training_samples("generate:x", tok, m, 8, cfg, "tiny-6")
 
 
-def test_ctrl_c_saves_a_state_that_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
-    # float32 on the CPU is deterministic: 6 steps straight, and 3 + Ctrl-C + 3 resumed, end equal
-    teacher = sharp_teacher(7)
+def straight_and_resumed(teacher: torch.nn.Module, cfg: QATConfig, stop_at: int, state: Path
+                         ) -> tuple[torch.nn.Module, torch.nn.Module, TrainLog]:
+    """The same W4A16 QAT run twice on batches of 2: straight through, and interrupted by Ctrl-C at
+    step `stop_at` (its state saved to `state`), then resumed. Returns (straight, resumed, resumed log)."""
     batches = batches_from_samples(SAMPLES, 2)
-    cfg = QATConfig(steps=6, lr=1e-4, scale_lr=1e-3, warmup=2)
 
     def fresh() -> torch.nn.Module:
         s = copy.deepcopy(teacher)
@@ -308,18 +316,24 @@ def test_ctrl_c_saves_a_state_that_resumes_to_the_uninterrupted_result(tmp_path:
 
     straight = fresh()
     train(straight, teacher, batches, cfg, progress=False)
-    state = tmp_path / "qat-state.pt"
-    interrupted = fresh()
 
     def stop(step: int, _loss: float) -> None:
-        if step == 2:
+        if step == stop_at:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(interrupted, teacher, batches, cfg, progress=False, on_step=stop, state_path=state)
+        train(fresh(), teacher, batches, cfg, progress=False, on_step=stop, state_path=state)
     assert state.exists()
     resumed = fresh()
     out = train(resumed, teacher, batches, cfg, progress=False, state_path=state)
+    return straight, resumed, out
+
+
+def test_ctrl_c_saves_a_state_that_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    # float32 on the CPU is deterministic: 6 steps straight, and 3 + Ctrl-C + 3 resumed, end equal
+    state = tmp_path / "qat-state.pt"
+    straight, resumed, out = straight_and_resumed(sharp_teacher(7), QATConfig(steps=6, lr=1e-4, scale_lr=1e-3, warmup=2),
+                                                  2, state)
     assert out.steps == list(range(6)) and not state.exists()
     for n, m in fake_layers(straight).items():
         other = fake_layers(resumed)[n]
@@ -422,27 +436,8 @@ def test_bf16_norms_train_on_a_float32_master_and_come_back_in_bf16() -> None:
 
 
 def test_ctrl_c_resumes_a_lora_run_to_the_uninterrupted_result(tmp_path: Path) -> None:
-    teacher = sharp_teacher(8)
-    batches = batches_from_samples(SAMPLES, 2)
     cfg = QATConfig(steps=4, scale_lr=1e-3, warmup=1, train="lora", lora_rank=2, lora_lr=1e-3)
-
-    def fresh() -> torch.nn.Module:
-        s = copy.deepcopy(teacher)
-        prepare(s, get_scheme("w4a16", group_size=32), SAMPLES)
-        return s
-
-    straight = fresh()
-    train(straight, teacher, batches, cfg, progress=False)
-    interrupted, state = fresh(), tmp_path / "state.pt"
-
-    def stop(step: int, _loss: float) -> None:
-        if step == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(interrupted, teacher, batches, cfg, progress=False, on_step=stop, state_path=state)
-    resumed = fresh()
-    train(resumed, teacher, batches, cfg, progress=False, state_path=state)
+    straight, resumed, _ = straight_and_resumed(sharp_teacher(8), cfg, 1, tmp_path / "state.pt")
     for n, m in fake_layers(straight).items():
         other = fake_layers(resumed)[n]
         assert torch.equal(m.lora_b, other.lora_b) and torch.equal(m.lora_a, other.lora_a), n
