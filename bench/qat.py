@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--lr", default="1e-5", help="weight learning rate(s), comma-separated: one QAT run each")
-    ap.add_argument("--scale-lr", type=float, default=1e-4)
+    ap.add_argument("--scale-lr", default="1e-4", help="learning rate(s) of the log-scales, comma-separated")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--data", default=None, help="QAT training data (default: the shared calibration text); "
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--lora-lr", type=float, default=1e-4)
     ap.add_argument("--work", type=Path, default=None, help="keep checkpoints here; reuse a post-training one found there")
-    ap.add_argument("--json", default="qat.json", help="file name under bench/results/")
+    ap.add_argument("--json", default="qat.json", help="file name under bench/results/, or a path")
     args = ap.parse_args()
 
     import torch
@@ -91,7 +91,17 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = args.data or str(CALIB)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = []
+    rows: list[dict] = []
+    out = Path(args.json) if "/" in args.json else REPO / "bench" / "results" / args.json
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(rows: list[dict]) -> None:  # after every row: a run cut off keeps what it finished
+        result = {"date": date.today().isoformat(), "machine": machine(), "device": device,
+                  "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+                  "lowbit": lowbit.__version__, "command": "python bench/qat.py " + " ".join(sys.argv[1:]),
+                  "training": f"{data}, {args.seq_len}-token windows, distillation (KL to bf16)",
+                  "evaluation": f"{WIKI.name}: {args.windows} x 512 tokens, bf16 emulation", "rows": rows}
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
     def ev(ckpt: Path) -> dict:
         r = evaluate(ckpt, base=str(base_dir), data=str(WIKI), windows=args.windows, seq_len=512, latency=False,
@@ -113,24 +123,27 @@ def main() -> None:
         base_row = {"run": f"{label} post-training ({algorithm})", "seconds": ptq_s, **ev(ptq_dir)}
         print(json.dumps(base_row), flush=True)
         rows.append(base_row)
-        for lr, mode in [(float(x), m.strip()) for x in args.lr.split(",") for m in args.train.split(",")]:
-            cfg = QATConfig(steps=args.steps, lr=lr, scale_lr=args.scale_lr, batch_size=args.batch_size,
+        write(rows)
+        for lr, scale_lr, mode in [(float(x), float(y), m.strip()) for x in args.lr.split(",")
+                                   for y in args.scale_lr.split(",") for m in args.train.split(",")]:
+            cfg = QATConfig(steps=args.steps, lr=lr, scale_lr=scale_lr, batch_size=args.batch_size,
                             eval_every=max(1, args.steps // 5), warmup=args.warmup, compile=args.compile, train=mode,
                             lora_rank=args.lora_rank, lora_lr=args.lora_lr,
                             gradient_checkpointing=args.gradient_checkpointing)
             _reset_peak(device)
             t0 = time.perf_counter()
-            res = qat(str(base_dir), output=work / f"{label}-qat-{lr:g}-{mode}", scheme=scheme, group_size=group,
+            res = qat(str(base_dir), output=work / f"{label}-qat-{lr:g}-{scale_lr:g}-{mode}", scheme=scheme, group_size=group,
                       data=data, seq_len=args.seq_len, config=cfg, start=ptq_dir, device=device,
                       progress=False, overwrite=True)
             qat_s = time.perf_counter() - t0
             q = res.provenance["qat"]
-            what = {"all": f"lr {lr:g}", "scales": "scales only",
+            what = {"all": f"lr {lr:g}, scale lr {scale_lr:g}", "scales": f"scales only, lr {scale_lr:g}",
                     "lora": f"scales, norms and LoRA rank {args.lora_rank}, lr {args.lora_lr:g}"}[mode]
             qat_row = {"run": f"{label} QAT from {algorithm}, {what}", "seconds": qat_s, "train": mode, "gradient_checkpointing": args.gradient_checkpointing,
                        "train_seconds": res.seconds["train"], "steps": args.steps, "tokens": q["tokens"], "lr": lr,
-                       "scale_lr": args.scale_lr, "batch": f"{args.batch_size} x {args.seq_len}",
-                       "held_out_loss": q["loss_curve"]["eval_loss"], "data": data, "compile": args.compile,
+                       "scale_lr": scale_lr, "batch": f"{args.batch_size} x {args.seq_len}",
+                       "held_out_loss": q["loss_curve"]["eval_loss"],
+                       "train_loss_before_eval": _train_loss_at_evals(q["loss_curve"]), "data": data, "compile": args.compile,
                        "seconds_by_phase": res.seconds, "train_samples": q["train_samples"],
                        "peak_memory_bytes": _peak(device), "peak_memory_of": "GPU allocated" if device.startswith(
                            "cuda") else "process resident (VmHWM, reset before the run)", **ev(res.output)}
@@ -141,15 +154,23 @@ def main() -> None:
                 qat_row[f"{key}_gap_recovered"] = 1 - g1 / g0 if g0 > 0 else None
             print(json.dumps(qat_row), flush=True)
             rows.append(qat_row)
+            write(rows)
+    write(rows)
+    table(rows)
 
-    result = {"date": date.today().isoformat(), "machine": machine(), "device": device,
-              "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None, "lowbit": lowbit.__version__,
-              "command": "python bench/qat.py " + " ".join(sys.argv[1:]),
-              "training": f"{data}, {args.seq_len}-token windows, distillation (KL to bf16)",
-              "evaluation": f"{WIKI.name}: {args.windows} x 512 tokens, bf16 emulation", "rows": rows}
-    out = REPO / "bench" / "results" / args.json
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+
+def _train_loss_at_evals(curve: dict) -> list[float]:
+    """The mean training loss over the steps since the previous held-out evaluation, at each one:
+    beside the held-out loss it tells overfitting (training loss falling, held-out not) from a plateau."""
+    out, last = [], 0
+    for step in curve["eval_steps"]:
+        window = curve["loss"][last:step]
+        out.append(sum(window) / len(window) if window else float("nan"))
+        last = step
+    return out
+
+
+def table(rows: list[dict]) -> None:
     print("\n| run | ppl | ppl delta | KL | top-1 | recovered (ppl gap / KL) | seconds | peak GiB |\n"
           "|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
