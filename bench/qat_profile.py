@@ -10,6 +10,7 @@ profiler's top operators for one QAT step. Writes bench/results/qat_profile.json
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import time
@@ -28,9 +29,18 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time the step compiled (QATConfig(compile=True))")
+    ap.add_argument("--compile-modes", default="regional,whole",
+                    help="with --compile: regional (lowbit's: one compiled decoder layer, reused) and/or whole "
+                         "(torch.compile of the whole model, as lowbit did before); each times its cold start")
     args = ap.parse_args()
 
-    from lowbit.algorithms.qat import _check_compiled_gradients, distill_loss, prepare
+    from lowbit.algorithms.qat import (
+        _batch_loss,
+        _check_compiled_gradients,
+        compiled_for_training,
+        distill_loss,
+        prepare,
+    )
     from lowbit.models.shapes import build_random
     from lowbit.scheme import get_scheme
 
@@ -46,7 +56,8 @@ def main() -> None:
     row: dict = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "scheme": args.scheme,
                  "batch": f"{args.batch} x {args.seq_len}"}
 
-    def stepper(model: torch.nn.Module, train_all: bool, compiled: bool = False):
+    def stepper(model: torch.nn.Module, train_all: bool, compiled: str | None = None,
+                stack: contextlib.ExitStack | None = None):
         if train_all:
             for p in model.parameters():
                 p.requires_grad_(p.dim() == 2 and p.shape[0] != 49152)
@@ -54,14 +65,16 @@ def main() -> None:
         opt = torch.optim.AdamW(params, lr=1e-5, fused=dev == "cuda")
         fwd, tfwd, loss_fn = model, teacher, distill_loss
         if compiled:
-            fwd, tfwd, loss_fn = torch.compile(model), torch.compile(teacher), torch.compile(distill_loss)
+            assert stack is not None  # undoes the regional compilation when the timing is done
+            regional = compiled == "regional"
+            fwd = stack.enter_context(compiled_for_training(model, regional))
+            tfwd = stack.enter_context(compiled_for_training(teacher, regional))
+            loss_fn = torch.compile(distill_loss)
 
         checked = [not compiled]
 
         def step() -> float:
-            with torch.no_grad():
-                t = tfwd(input_ids=ids).logits
-            loss = loss_fn(fwd(input_ids=ids).logits, t, ids, "kd")
+            loss = _batch_loss(fwd, tfwd, ids, "kd", loss_fn)  # the library's step: no KV cache in training
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if not checked[0]:  # a compiled step is timed only once its gradients match eager ones
@@ -88,14 +101,19 @@ def main() -> None:
     row["qat_step_s"] = timed(qat_step)
     row["qat_tokens_per_s"] = tokens / row["qat_step_s"]
     row["bf16_finetune_tokens_per_s"] = tokens / row["bf16_finetune_step_s"]
-    if args.compile:
-        t0 = time.perf_counter()
-        compiled_step = stepper(student, False, compiled=True)
-        compiled_step()
-        sync()
-        row["compile_s"] = time.perf_counter() - t0
-        row["qat_compiled_step_s"] = timed(compiled_step)
-        row["qat_compiled_tokens_per_s"] = tokens / row["qat_compiled_step_s"]
+    for mode in args.compile_modes.split(",") if args.compile else []:
+        torch._dynamo.reset()  # a cold start each (inductor's on-disk cache may still serve kernels)
+        with contextlib.ExitStack() as stack:
+            t0 = time.perf_counter()
+            compiled_step = stepper(student, False, compiled=mode, stack=stack)
+            compiled_step()
+            sync()
+            suffix = "" if mode == "regional" else f"_{mode}"
+            row[f"compile{suffix}_s"] = time.perf_counter() - t0
+            row[f"qat_compiled{suffix}_step_s"] = timed(compiled_step)
+            row[f"qat_compiled{suffix}_tokens_per_s"] = tokens / row[f"qat_compiled{suffix}_step_s"]
+            row[f"compiled{suffix}_gradient_cosine"] = row.pop("compiled_gradient_cosine")
+        print(json.dumps(row), flush=True)
     print(json.dumps(row), flush=True)
     from torch.profiler import ProfilerActivity, profile
 

@@ -93,6 +93,32 @@ def test_compiled_training_learns_as_eager_training_does(device: str) -> None:
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=2e-3, atol=0)
 
 
+def test_regional_compilation_compiles_the_decoder_layers_and_undoes_itself() -> None:
+    from lowbit.algorithms.qat import compiled_for_training, repeated_blocks
+
+    class Block(torch.nn.Module):  # a MoE layer as remote-code models write it: a ModuleList of 8 experts
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = torch.nn.Linear(16, 16)
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(16, 4) for _ in range(8))
+
+    moe = torch.nn.Module()
+    moe.layers = torch.nn.ModuleList(Block() for _ in range(2))
+    assert repeated_blocks(moe) == list(moe.layers)  # 2 layers hold more parameters than 8 experts
+    torch._dynamo.reset()
+    m = tiny_llama().float()
+    keys = list(m.state_dict())
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = m(input_ids=ids, use_cache=False).logits
+        with compiled_for_training(m) as c:
+            assert c is m and all("forward" in b.__dict__ for b in m.model.layers)
+            assert list(m.state_dict()) == keys
+            out = c(input_ids=ids, use_cache=False).logits
+    assert not any("forward" in b.__dict__ for b in m.model.layers)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)  # float32; fused kernels reorder sums
+
+
 def test_a_compiled_step_that_drops_gradients_is_caught() -> None:
     # what torch 2.11 did on CUDA with a custom autograd.Function: zero weight gradients, silently
     from lowbit.algorithms.qat import _check_compiled_gradients
@@ -285,6 +311,22 @@ def test_generated_training_data_is_sampled_from_the_model_and_cached() -> None:
     assert len(first) == 3 and all(s.shape == (8,) for s in first)
     again = generated_samples(torch.nn.Identity(), tok, 3, 8, seed=0, source="tiny-6")  # from the cache, no model
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_generated_text_is_sampled_with_the_bos_token_attended() -> None:
+    # generate() infers a mask that hides every input token equal to pad_token_id; with the BOS as the
+    # pad the samples came from a model that never saw its BOS. A model made nearly deterministic
+    # (final norm x 40: logits x 40) must sample what its own full-attention forward ranks first.
+    from lowbit.qat_run import generated_samples
+
+    for seed in (1, 2):  # models whose samples differ with the BOS hidden (checked: 70% and 80% agreement)
+        m, tok = tiny_llama(seed=seed).float(), word_tokenizer()
+        with torch.no_grad():
+            m.model.norm.weight.mul_(40)
+        seqs = torch.stack(generated_samples(m, tok, 4, 6, seed=0, source=f"tiny-{seed}-sharp"))
+        with torch.no_grad():
+            best = m(input_ids=seqs, use_cache=False).logits[:, :-1].argmax(-1)
+        assert torch.equal(seqs[:, 1:], best)
 
 
 def test_gpu_sampling_batch_fits_the_kv_cache_in_a_share_of_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -49,7 +49,7 @@ def _cache_dir() -> Path:
 def generated_samples(model: Any, tokenizer: Any, n: int, length: int, seed: int, source: str) -> list[torch.Tensor]:
     """n sequences of `length` tokens sampled from `model` (temperature 1) from its BOS token,
     cached by (model source, n, length, seed)."""
-    key = hashlib.sha256(f"{source}|{n}|{length}|{seed}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{source}|{n}|{length}|{seed}|v2".encode()).hexdigest()[:16]  # v2: BOS attended
     path = _cache_dir() / "qat-generated" / f"{key}.pt"
     if path.exists():
         return list(torch.load(path))
@@ -63,8 +63,12 @@ def generated_samples(model: Any, tokenizer: Any, n: int, length: int, seed: int
     for start in tqdm(range(0, n, per_call), desc="generating training text", unit="batch", leave=False):
         k = min(per_call, n - start)
         ids = torch.full((k, 1), bos, dtype=torch.long, device=device)
-        seq = model.generate(ids, do_sample=True, top_k=0, temperature=1.0, max_new_tokens=length - 1,
-                             min_new_tokens=length - 1, pad_token_id=bos)
+        # The mask is explicit: left to infer one, generate() masks out every input token equal to
+        # pad_token_id, and with the BOS as the pad the model sampled without seeing its BOS (measured on
+        # smollm2-135m: the samples' NLL under the model exceeded its entropy by 0.17 nats; 0.03 with it).
+        seq = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
+                             temperature=1.0, max_new_tokens=length - 1, min_new_tokens=length - 1,
+                             pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos)
         out += [s.cpu() for s in seq]
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(torch.stack(out), path)

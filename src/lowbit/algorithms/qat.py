@@ -14,11 +14,13 @@ with the last good state restored when the loss stops being finite.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+import types
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -341,15 +343,17 @@ def train(
         log.info("QAT: resuming at step %d from %s", first, state_path)
     t0 = time.perf_counter() - out.seconds
     bar = tqdm(range(first, cfg.steps), desc="QAT", unit="step", disable=not progress, initial=first, total=cfg.steps)
-    fwd_student: Any = student
-    fwd_teacher: Any = teacher
-    loss_fn: Any = distill_loss
-    if cfg.compile:  # the modules stay as they are (state_dict keys, evaluation): only the training calls compile
-        fwd_student, loss_fn = torch.compile(student), torch.compile(distill_loss)
-        fwd_teacher = None if teacher is None else torch.compile(teacher)
     try:
-        _loop(student, teacher, batches, cfg, bar, opt, sched, weights, scales, device, eval_batches, on_step, out, t0,
-              good, good_step, (fwd_student, fwd_teacher, loss_fn))
+        with contextlib.ExitStack() as stack:
+            fwd_student: Any = student
+            fwd_teacher: Any = teacher
+            loss_fn: Any = distill_loss
+            if cfg.compile:  # state_dict keys stay as they are; evaluation and the gradient check run eager
+                fwd_student = stack.enter_context(compiled_for_training(student))
+                fwd_teacher = None if teacher is None else stack.enter_context(compiled_for_training(teacher))
+                loss_fn = torch.compile(distill_loss)
+            _loop(student, teacher, batches, cfg, bar, opt, sched, weights, scales, device, eval_batches, on_step, out,
+                  t0, good, good_step, (fwd_student, fwd_teacher, loss_fn))
     except KeyboardInterrupt:
         if state_path is not None:
             out.seconds = time.perf_counter() - t0
@@ -408,6 +412,43 @@ def _loop(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Ten
             student.train()
 
 
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks (a decoder's layers): of the ModuleLists whose entries all share
+    one class, the one that holds the most parameters (so a MoE layer's experts lose to the layers
+    that hold them). Empty when there is none."""
+    best: list[nn.Module] = []
+    best_size = 0
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1:
+            size = sum(p.numel() for p in m.parameters())
+            if size > best_size:
+                best, best_size = list(m), size
+    return best
+
+
+@contextlib.contextmanager
+def compiled_for_training(model: nn.Module, regional: bool = True) -> Iterator[Any]:
+    """`model` with torch.compile for the training calls, undone on exit.
+
+    regional (default): each repeated block (decoder layer) runs one compiled forward, traced once
+    and reused by every layer of the same shape, the rest (embeddings, head) eager: PyTorch's
+    "regional compilation", whose cold start does not grow with the depth. Falls back to compiling
+    the whole model when it has no repeated blocks. The modules themselves do not change (state_dict
+    keys, hooks); under `torch.compiler.set_stance("force_eager")` they run eager."""
+    blocks = repeated_blocks(model) if regional else []
+    if not blocks:
+        yield torch.compile(model)
+        return
+    compiled = torch.compile(type(blocks[0]).forward)
+    for b in blocks:
+        b.forward = types.MethodType(compiled, b)  # type: ignore[method-assign]  # an instance attribute, deleted on exit
+    try:
+        yield model
+    finally:
+        for b in blocks:
+            b.__dict__.pop("forward", None)
+
+
 def _check_compiled_gradients(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, kind: str,
                                params: Sequence[torch.Tensor], min_cosine: float = 0.9) -> float:
     """The first compiled step's gradients (in params' .grad) against an eager step's on the same
@@ -417,7 +458,8 @@ def _check_compiled_gradients(student: nn.Module, teacher: nn.Module | None, ids
     compiled = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
     for p in params:
         p.grad = None
-    _batch_loss(student, teacher, ids, kind).backward()
+    with torch.compiler.set_stance("force_eager"):  # regionally compiled blocks run their Python code
+        _batch_loss(student, teacher, ids, kind).backward()
     eager = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
     dot = sum((c.double() * e.double()).sum() for c, e in zip(compiled, eager, strict=True))
     nc = math.sqrt(sum(float(c.double().square().sum()) for c in compiled))
@@ -438,19 +480,21 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate_loss(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Tensor], kind: str) -> float:
+    """The mean loss over `batches`, eager (a compiled training run compiles no second, inference graph)."""
     student.eval()
     device = next(student.parameters()).device
     total = 0.0
-    for ids in batches:
-        total += float(_batch_loss(student, teacher, ids.to(device), kind))
+    with torch.compiler.set_stance("force_eager"):
+        for ids in batches:
+            total += float(_batch_loss(student, teacher, ids.to(device), kind))
     return total / len(batches)
 
 
 def _batch_loss(student: Any, teacher: Any, ids: torch.Tensor, kind: str, loss_fn: Any = distill_loss) -> torch.Tensor:
     """The training loss of one batch; the teacher (needed for "kd") runs without gradients."""
     with torch.no_grad():
-        t = teacher(input_ids=ids).logits if teacher is not None and "kd" in kind else None
-    return loss_fn(student(input_ids=ids).logits, t, ids, kind)
+        t = teacher(input_ids=ids, use_cache=False).logits if teacher is not None and "kd" in kind else None
+    return loss_fn(student(input_ids=ids, use_cache=False).logits, t, ids, kind)
 
 
 def batches_from_samples(samples: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
