@@ -7,6 +7,8 @@
 #   bash bench/gpu_issue9.sh c   # (same machine) W4A16 g64 QAT
 #   bash bench/gpu_issue9.sh d   # (same machine) static FP8 QAT
 #   bash bench/gpu_issue9.sh e   # (same machine) W4A16 with --train lora against full training
+#   bash bench/gpu_issue9.sh s   # (same machine, after b) sampling speed: transformers' default KV cache
+#                                # against a static one, 2048 sequences each (bench/sampling_speed.py)
 # Variables: GEN (generated sequences, 4096), STEPS, LRS, SCALE_LRS, COMPILE (1, the default:
 # torch.compile the step; 0: eager). --compile compiles one decoder layer, reused by all (29.5 s cold
 # on an H100, 0.10 s a W4A16 step of 32 x 512 against 0.31 s eager); compiling the whole model took
@@ -47,5 +49,9 @@ d)
 e)
   python bench/qat.py "${COMMON[@]}" --runs w4a16 --steps "${STEPS:-1000}" --lr 3e-4 --train lora \
     --lora-lr "${LORA_LR:-1e-3}" --json "$OUT/qat_w4a16_lora_h100.json"
+  ;;
+s)
+  python bench/sampling_speed.py --configs "${CONFIGS:-dynamic:2048,static:2048}" --profile
+  cp bench/results/sampling_speed_cuda.json "$OUT/"
   ;;
 esac

@@ -53,14 +53,30 @@ def generated_samples(model: Any, tokenizer: Any, n: int, length: int, seed: int
     path = _cache_dir() / "qat-generated" / f"{key}.pt"
     if path.exists():
         return list(torch.load(path))
+    torch.manual_seed(seed)
+    out = sample_sequences(model, tokenizer, n, length)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.stack(out), path)
+    return out
+
+
+@torch.no_grad()
+def sample_sequences(model: Any, tokenizer: Any, n: int, length: int, per_call: int | None = None,
+                     cache_implementation: str | None = None, progress: bool = True) -> list[torch.Tensor]:
+    """n sequences of `length` tokens sampled at temperature 1 from the BOS token (no cache file; the
+    caller seeds). per_call: sequences sampled together (default: as many as fit a share of a GPU's
+    free memory, 8 on the CPU). cache_implementation: passed to generate() ("static": a preallocated
+    KV cache; None: transformers' default)."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if bos is None:
         raise LowbitError("generate:N needs a tokenizer with a BOS or EOS token to start from")
-    torch.manual_seed(seed)
     device = next(model.parameters()).device
-    out = []
-    per_call = _generation_batch(model, length, n) if device.type == "cuda" else 8  # sequences sampled together
-    for start in tqdm(range(0, n, per_call), desc="generating training text", unit="batch", leave=False):
+    if per_call is None:
+        per_call = _generation_batch(model, length, n) if device.type == "cuda" else 8
+    extra = {} if cache_implementation is None else {"cache_implementation": cache_implementation}
+    out: list[torch.Tensor] = []
+    for start in tqdm(range(0, n, per_call), desc="generating training text", unit="batch", leave=False,
+                      disable=not progress):
         k = min(per_call, n - start)
         ids = torch.full((k, 1), bos, dtype=torch.long, device=device)
         # The mask is explicit: left to infer one, generate() masks out every input token equal to
@@ -68,10 +84,9 @@ def generated_samples(model: Any, tokenizer: Any, n: int, length: int, seed: int
         # smollm2-135m: the samples' NLL under the model exceeded its entropy by 0.17 nats; 0.03 with it).
         seq = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
                              temperature=1.0, max_new_tokens=length - 1, min_new_tokens=length - 1,
-                             pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos)
+                             pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos,
+                             **extra)
         out += [s.cpu() for s in seq]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(torch.stack(out), path)
     return out
 
 
