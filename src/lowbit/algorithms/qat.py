@@ -449,7 +449,7 @@ def compiled_for_training(model: nn.Module, regional: bool = True) -> Iterator[A
             return
         compiled = torch.compile(type(blocks[0]).forward)
         for b in blocks:
-            b.forward = types.MethodType(compiled, b)  # type: ignore[method-assign]  # an instance attribute, deleted on exit
+            b.forward = types.MethodType(compiled, b)  # an instance attribute, deleted on exit
         try:
             yield model
         finally:
