@@ -432,7 +432,9 @@ def compiled_for_training(model: nn.Module, regional: bool = True) -> Iterator[A
 
     regional (default): each repeated block (decoder layer) runs one compiled forward, traced once
     and reused by every layer of the same shape, the rest (embeddings, head) eager: PyTorch's
-    "regional compilation", whose cold start does not grow with the depth. Falls back to compiling
+    "regional compilation", whose cold start does not grow with the depth. Layers that differ (a
+    dense first layer before MoE ones, say) get their own compiled variant, up to dynamo's recompile
+    limit; past it they run eager, which is slower but still right. Falls back to compiling
     the whole model when it has no repeated blocks. The modules themselves do not change (state_dict
     keys, hooks); under `torch.compiler.set_stance("force_eager")` they run eager.
 
