@@ -38,11 +38,11 @@ b)
   python bench/qat.py "${BASE[@]}" --runs "w4a16;fp8" --steps 1 --json "$OUT/qat_ptq_h100.json"
   ;;
 c)
-  python bench/qat.py "${COMMON[@]}" --runs w4a16 --steps "${STEPS:-1000}" --lr "${LRS:-3e-4}" \
-    --scale-lr "${SCALE_LRS:-1e-4}" --json "$OUT/qat_w4a16_h100.json"
+  python bench/qat.py "${COMMON[@]}" --runs w4a16 --steps "${STEPS:-1500}" --lr "${LRS:-3e-4}" \
+    --scale-lr "${SCALE_LRS:-1e-4,1e-3}" --json "$OUT/qat_w4a16_h100.json"
   ;;
 d)
-  fp8() { python bench/qat.py "$@" --runs fp8 --steps "${STEPS:-350}" --lr "${LRS:-2e-5,1e-4}" \
+  fp8() { python bench/qat.py "$@" --runs fp8 --steps "${STEPS:-1000}" --lr "${LRS:-1e-4,3e-4}" \
     --scale-lr "${SCALE_LRS:-1e-4}" --json "$OUT/qat_fp8_h100.json"; }
   fp8 "${COMMON[@]}" || { echo "compiled FP8 run stopped: eager instead"; fp8 "${BASE[@]}"; }
   ;;
