@@ -43,8 +43,12 @@ c)
   ;;
 d)
   fp8() { python bench/qat.py "$@" --runs fp8 --steps "${STEPS:-1000}" --lr "${LRS:-1e-4,3e-4}" \
-    --scale-lr "${SCALE_LRS:-1e-4}" --json "$OUT/qat_fp8_h100.json"; }
-  fp8 "${COMMON[@]}" || { echo "compiled FP8 run stopped: eager instead"; fp8 "${BASE[@]}"; }
+    --scale-lr "${SCALE_LRS:-1e-4}" --json "$OUT/qat_fp8_h100${JSON_SUFFIX:-}.json"; }
+  if [ "${COMPILE:-1}" = 1 ]; then  # a stopped compiled run (say, its gradient check) is redone eager, beside it
+    fp8 "${COMMON[@]}" || { echo "compiled FP8 run stopped: eager instead"; JSON_SUFFIX=_eager fp8 "${BASE[@]}"; }
+  else
+    fp8 "${BASE[@]}"
+  fi
   ;;
 e)
   python bench/qat.py "${COMMON[@]}" --runs w4a16 --steps "${STEPS:-1000}" --lr 3e-4 --train lora \

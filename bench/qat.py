@@ -138,7 +138,7 @@ def main() -> None:
             qat_s = time.perf_counter() - t0
             q = res.provenance["qat"]
             what = {"all": f"lr {lr:g}, scale lr {scale_lr:g}", "scales": f"scales only, lr {scale_lr:g}",
-                    "lora": f"scales, norms and LoRA rank {args.lora_rank}, lr {args.lora_lr:g}"}[mode]
+                    "lora": f"scales (lr {scale_lr:g}), norms and LoRA rank {args.lora_rank}, lr {args.lora_lr:g}"}[mode]
             qat_row = {"run": f"{label} QAT from {algorithm}, {what}", "seconds": qat_s, "train": mode, "gradient_checkpointing": args.gradient_checkpointing,
                        "train_seconds": res.seconds["train"], "steps": args.steps, "tokens": q["tokens"], "lr": lr,
                        "scale_lr": scale_lr, "batch": f"{args.batch_size} x {args.seq_len}",

@@ -5,7 +5,7 @@
 Each config is CACHE:BATCH: transformers' default KV cache ("dynamic", grown by concatenation each
 step) or a preallocated one ("static"), and the number of sequences sampled together. Each samples
 one batch of --length tokens from the BOS token of the default model (bf16), timed alone after a
-short warm-up batch of the same config (which also pays any compilation; its time is reported).
+warm-up batch of the same config (which pays any compilation; its time is reported).
 Check of the samples: under the model, sequences sampled from it have a mean NLL equal to the mean
 entropy of its next-token distributions, up to sampling noise; the gap and its standard error are
 reported for (up to) 64 sequences. In bf16 the sampling forward (with a KV cache) and the checking one
@@ -46,7 +46,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--configs", default="dynamic:512,dynamic:2048,static:2048")
     ap.add_argument("--length", type=int, default=512)
-    ap.add_argument("--warmup-length", type=int, default=16, help="tokens of the warm-up batch")
+    ap.add_argument("--warmup-length", type=int, default=None,
+                    help="tokens of the warm-up batch (default: 16 for the dynamic cache; --length for a static "
+                         "one, whose automatic compile depends on the cache's length)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
 
@@ -61,7 +63,8 @@ def main() -> None:
         impl = None if cache == "dynamic" else cache
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        sample_sequences(model, tok, int(batch), args.warmup_length, per_call=int(batch), cache_implementation=impl,
+        warm_len = args.warmup_length or (16 if impl is None else args.length)
+        sample_sequences(model, tok, int(batch), warm_len, per_call=int(batch), cache_implementation=impl,
                          progress=False)
         sync()
         warm = time.perf_counter() - t0

@@ -117,6 +117,11 @@ def test_regional_compilation_compiles_the_decoder_layers_and_undoes_itself() ->
             out = c(input_ids=ids, use_cache=False).logits
     assert not any("forward" in b.__dict__ for b in m.model.layers)
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)  # float32; fused kernels reorder sums
+    own = m.model.layers[1].forward  # a layer with its own instance forward (a hook's, say) gets it back
+    m.model.layers[1].forward = own
+    with compiled_for_training(m):
+        assert m.model.layers[1].forward is not own
+    assert m.model.layers[1].__dict__["forward"] is own and "forward" not in m.model.layers[0].__dict__
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -48,13 +48,16 @@ def _cache_dir() -> Path:
 @torch.no_grad()
 def generated_samples(model: Any, tokenizer: Any, n: int, length: int, seed: int, source: str) -> list[torch.Tensor]:
     """n sequences of `length` tokens sampled from `model` (temperature 1) from its BOS token,
-    cached by (model source, n, length, seed)."""
-    key = hashlib.sha256(f"{source}|{n}|{length}|{seed}|v2".encode()).hexdigest()[:16]  # v2: BOS attended
+    cached by (model source, n, length, seed, sequences sampled together): the batch decides how the
+    random stream is spent, so another GPU's batch gives other (equally valid) samples."""
+    first = next(model.parameters(), None)
+    per_call = _generation_batch(model, length, n) if first is not None and first.device.type == "cuda" else 8
+    key = hashlib.sha256(f"{source}|{n}|{length}|{seed}|{per_call}|v2".encode()).hexdigest()[:16]  # v2: BOS seen
     path = _cache_dir() / "qat-generated" / f"{key}.pt"
     if path.exists():
         return list(torch.load(path))
     torch.manual_seed(seed)
-    out = sample_sequences(model, tokenizer, n, length)
+    out = sample_sequences(model, tokenizer, n, length, per_call=per_call)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(torch.stack(out), path)
     return out
@@ -95,7 +98,7 @@ def _generation_batch(model: Any, length: int, n: int, share: float = 0.4) -> in
     their KV cache at full length and one step's float32 logits (a small model's sampling is bound by
     per-step overhead, so a wider batch is nearly free: 512 at a time took 112 s for 2048 sequences
     of smollm2-135m on an H100), at most 4096."""
-    cfg = model.config
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = getattr(cfg, "num_attention_heads", 1)
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads

@@ -444,19 +444,34 @@ def compiled_for_training(model: nn.Module, regional: bool = True) -> Iterator[A
     ones on the CPU (below 0.9 on an H100, where the gradient check stopped the run); with it, 1.0000."""
     import torch._inductor.config as inductor_config
 
-    blocks = repeated_blocks(model) if regional else []
-    with inductor_config.patch(emulate_precision_casts=True):  # compilation happens at the first call, inside
+    # regional needs set_stance (torch >= 2.6) for the eager evaluation and gradient check (`_eager`)
+    blocks = repeated_blocks(model) if regional and hasattr(torch.compiler, "set_stance") else []
+    emulate: dict[str, Any] = ({"emulate_precision_casts": True} if hasattr(inductor_config, "emulate_precision_casts")
+                               else {})  # torch < 2.5 has no such switch
+    with inductor_config.patch(emulate):  # compilation happens lazily, at the first call: inside
         if not blocks:
             yield torch.compile(model)
             return
         compiled = torch.compile(type(blocks[0]).forward)
-        for b in blocks:
-            b.forward = types.MethodType(compiled, b)  # an instance attribute, deleted on exit
+        missing = object()
+        before = [b.__dict__.get("forward", missing) for b in blocks]  # a hook's own forward, say
         try:
+            for b in blocks:
+                b.forward = types.MethodType(compiled, b)  # an instance attribute, undone on exit
             yield model
         finally:
-            for b in blocks:
-                b.__dict__.pop("forward", None)
+            for b, f in zip(blocks, before, strict=True):
+                if f is missing:
+                    b.__dict__.pop("forward", None)
+                else:
+                    b.forward = f
+
+
+def _eager() -> contextlib.AbstractContextManager[Any]:
+    """Run compiled code eager (torch >= 2.6). On older torch `compiled_for_training` compiles a
+    wrapper of the whole model and leaves the modules themselves eager, so nothing is needed."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def _check_compiled_gradients(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, kind: str,
@@ -468,7 +483,7 @@ def _check_compiled_gradients(student: nn.Module, teacher: nn.Module | None, ids
     compiled = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
     for p in params:
         p.grad = None
-    with torch.compiler.set_stance("force_eager"):  # regionally compiled blocks run their Python code
+    with _eager():  # regionally compiled blocks run their Python code
         _batch_loss(student, teacher, ids, kind).backward()
     eager = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
     dot = sum((c.double() * e.double()).sum() for c, e in zip(compiled, eager, strict=True))
@@ -494,7 +509,7 @@ def evaluate_loss(student: nn.Module, teacher: nn.Module | None, batches: list[t
     student.eval()
     device = next(student.parameters()).device
     total = 0.0
-    with torch.compiler.set_stance("force_eager"):
+    with _eager():
         for ids in batches:
             total += float(_batch_loss(student, teacher, ids.to(device), kind))
     return total / len(batches)
