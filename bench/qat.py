@@ -44,14 +44,10 @@ def _reset_peak(device: str) -> None:
 
 
 def _peak(device: str) -> int:
-    import torch
+    from lowbit.eval.perf import peak_gpu_bytes
+    from lowbit.runtime.plan import peak_rss  # VmHWM, which _reset_peak resets
 
-    if device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated())
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return (peak_gpu_bytes() or 0) if device.startswith("cuda") else peak_rss()
 
 
 def main() -> None:

@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
 
+    from lowbit.eval.perf import peak_gpu_bytes
     from lowbit.models import load_model
     from lowbit.qat_run import sample_sequences
 
@@ -78,7 +79,7 @@ def main() -> None:
         row = {"cache": cache, "batch": int(batch), "length": args.length, "seconds": sec,
                "ms_per_sequence": 1000 * sec / int(batch), "tokens_per_s": int(batch) * args.length / sec,
                "warmup_seconds": warm,
-               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
+               "peak_gib": (peak_gpu_bytes() or 0) / 2**30 if args.device.startswith("cuda") else None,
                }
         row["nll_minus_entropy_nats"], row["nll_minus_entropy_se"] = nll_minus_entropy(
             model, torch.stack(seqs[:64]).to(args.device))

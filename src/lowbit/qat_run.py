@@ -50,8 +50,7 @@ def generated_samples(model: Any, tokenizer: Any, n: int, length: int, seed: int
     """n sequences of `length` tokens sampled from `model` (temperature 1) from its BOS token,
     cached by (model source, n, length, seed, sequences sampled together): the batch decides how the
     random stream is spent, so another GPU's batch gives other (equally valid) samples."""
-    first = next(model.parameters(), None)
-    per_call = _generation_batch(model, length, n) if first is not None and first.device.type == "cuda" else 8
+    per_call = _sampling_batch(model, length, n)
     key = hashlib.sha256(f"{source}|{n}|{length}|{seed}|{per_call}|v2".encode()).hexdigest()[:16]  # v2: BOS seen
     path = _cache_dir() / "qat-generated" / f"{key}.pt"
     if path.exists():
@@ -74,8 +73,7 @@ def sample_sequences(model: Any, tokenizer: Any, n: int, length: int, per_call: 
     if bos is None:
         raise LowbitError("generate:N needs a tokenizer with a BOS or EOS token to start from")
     device = next(model.parameters()).device
-    if per_call is None:
-        per_call = _generation_batch(model, length, n) if device.type == "cuda" else 8
+    per_call = per_call or _sampling_batch(model, length, n)
     extra = {} if cache_implementation is None else {"cache_implementation": cache_implementation}
     out: list[torch.Tensor] = []
     for start in tqdm(range(0, n, per_call), desc="generating training text", unit="batch", leave=False,
@@ -93,18 +91,25 @@ def sample_sequences(model: Any, tokenizer: Any, n: int, length: int, per_call: 
     return out
 
 
+def _sampling_batch(model: Any, length: int, n: int) -> int:
+    """How many sequences to sample together: 8 off a GPU (or for a model without parameters, which
+    only a cache hit can serve), `_generation_batch` on one."""
+    first = next(model.parameters(), None)
+    return _generation_batch(model, length, n) if first is not None and first.device.type == "cuda" else 8
+
+
 def _generation_batch(model: Any, length: int, n: int, share: float = 0.4) -> int:
     """How many sequences to sample together on a GPU: as many as fit `share` of its free memory with
     their KV cache at full length and one step's float32 logits (a small model's sampling is bound by
     per-step overhead, so a wider batch is nearly free: 512 at a time took 112 s for 2048 sequences
     of smollm2-135m on an H100), at most 4096."""
+    first = next(model.parameters())
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = getattr(cfg, "num_attention_heads", 1)
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    elem = next(model.parameters()).element_size()
-    per_seq = 2 * cfg.num_hidden_layers * kv_heads * head_dim * length * elem + 2 * 4 * cfg.vocab_size
-    free, _ = torch.cuda.mem_get_info(next(model.parameters()).device)
+    per_seq = 2 * cfg.num_hidden_layers * kv_heads * head_dim * length * first.element_size() + 2 * 4 * cfg.vocab_size
+    free, _ = torch.cuda.mem_get_info(first.device)
     return max(1, min(n, 4096, int(share * free // per_seq)))
 
 
