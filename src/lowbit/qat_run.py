@@ -48,15 +48,17 @@ def _cache_dir() -> Path:
 @torch.no_grad()
 def generated_samples(model: Any, tokenizer: Any, n: int, length: int, seed: int, source: str) -> list[torch.Tensor]:
     """n sequences of `length` tokens sampled from `model` (temperature 1) from its BOS token,
-    cached by (model source, n, length, seed, sequences sampled together): the batch decides how the
-    random stream is spent, so another GPU's batch gives other (equally valid) samples."""
-    per_call = _sampling_batch(model, length, n)
-    key = hashlib.sha256(f"{source}|{n}|{length}|{seed}|{per_call}|v2".encode()).hexdigest()[:16]  # v2: BOS seen
+    cached by (model source, n, length, seed). The key leaves out how many sequences were sampled
+    together, which on a GPU follows its free memory: a second run in the same cache reuses the first
+    one's samples even when another model shares the GPU (a key with the batch missed on an H100, and
+    regenerating 4096 sequences cost 79 s a run). The batch decides how the random stream is spent, so
+    samples made with another batch are other, equally valid, samples of the same model."""
+    key = hashlib.sha256(f"{source}|{n}|{length}|{seed}|v3".encode()).hexdigest()[:16]  # v2: BOS seen; v3: no batch
     path = _cache_dir() / "qat-generated" / f"{key}.pt"
     if path.exists():
         return list(torch.load(path))
     torch.manual_seed(seed)
-    out = sample_sequences(model, tokenizer, n, length, per_call=per_call)
+    out = sample_sequences(model, tokenizer, n, length, per_call=_sampling_batch(model, length, n))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(torch.stack(out), path)
     return out
