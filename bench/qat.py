@@ -139,7 +139,7 @@ def main() -> None:
                        "train_seconds": res.seconds["train"], "steps": args.steps, "tokens": q["tokens"], "lr": lr,
                        "scale_lr": scale_lr, "batch": f"{args.batch_size} x {args.seq_len}",
                        "held_out_loss": q["loss_curve"]["eval_loss"],
-                       "train_loss_before_eval": _train_loss_at_evals(q["loss_curve"]), "data": data, "compile": args.compile,
+                       "train_loss_before_eval": _train_loss_at_evals(q["loss_curve"]), "data": data, "compile": q["loss_curve"]["compiled"],
                        "seconds_by_phase": res.seconds, "train_samples": q["train_samples"],
                        "peak_memory_bytes": _peak(device), "peak_memory_of": "GPU allocated" if device.startswith(
                            "cuda") else "process resident (VmHWM, reset before the run)", **ev(res.output)}

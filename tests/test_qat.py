@@ -12,6 +12,7 @@ import torch
 from lowbit.algorithms.qat import (
     QATConfig,
     TrainLog,
+    _torch_version,
     batches_from_samples,
     convert,
     fake_layers,
@@ -84,6 +85,7 @@ def test_compiled_training_learns_as_eager_training_does(device: str) -> None:
         prepare(student, get_scheme("w4a16", group_size=32), [batches[0][0].to(device)])
         before = {k: v.clone() for k, v in student.state_dict().items()}
         log = train(student, teacher, batches, QATConfig(steps=4, lr=1e-3, compile=compiled), progress=False)
+        assert log.compiled == compiled  # weight-only: compiled on any torch
         moved = sum(float((student.state_dict()[k].float() - v.float()).abs().sum()) for k, v in before.items())
         return log.loss, moved
 
@@ -124,6 +126,9 @@ def test_regional_compilation_compiles_the_decoder_layers_and_undoes_itself() ->
     assert m.model.layers[1].__dict__["forward"] is own and "forward" not in m.model.layers[0].__dict__
 
 
+@pytest.mark.xfail(_torch_version() < (2, 13), strict=False,
+                   reason="emulate_precision_casts does not keep the rounding on torch 2.11 (1 - cosine 4.3e-4 on the "
+                          "CPU and an H100); train() trains eager there")
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_compiled_static_fp8_gradients_equal_eager_ones(device: str) -> None:
@@ -153,6 +158,25 @@ def test_compiled_static_fp8_gradients_equal_eager_ones(device: str) -> None:
     eager, compiled = grads(False), grads(True)
     gap = float(1 - torch.nn.functional.cosine_similarity(eager, compiled, dim=0))
     assert gap < 5e-5, f"1 - cosine = {gap:.3g} on torch {torch.__version__}"
+
+
+def test_compile_falls_back_to_eager_where_it_would_round_activations_otherwise(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import lowbit.algorithms.qat as q
+
+    teacher, student = tiny_llama(seed=3), tiny_llama()
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    prepare(student, get_scheme("fp8"), [ids[0]])
+    monkeypatch.setattr(q, "_torch_version", lambda: (2, 11))
+    assert not q.compile_keeps_eager_rounding(student)
+    w4 = tiny_llama()
+    prepare(w4, get_scheme("w4a16", group_size=32), [ids[0]])
+    assert q.compile_keeps_eager_rounding(w4)  # weight-only schemes compile on any torch
+    with caplog.at_level("WARNING", logger="lowbit"):
+        log = train(student, teacher, [ids], QATConfig(steps=2, lr=1e-4, compile=True), progress=False)
+    assert not log.compiled and len(log.loss) == 2 and "training eager instead" in caplog.text
+    monkeypatch.setattr(q, "_torch_version", lambda: (2, 13))
+    assert q.compile_keeps_eager_rounding(student)
 
 
 def test_a_compiled_step_that_drops_gradients_is_caught() -> None:
