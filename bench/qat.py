@@ -44,10 +44,12 @@ def _reset_peak(device: str) -> None:
 
 
 def _peak(device: str) -> int:
-    from lowbit.eval.perf import peak_gpu_bytes
-    from lowbit.runtime.plan import peak_rss  # VmHWM, which _reset_peak resets
+    from lowbit.eval.perf import (
+        peak_gpu_bytes,
+        peak_rss_bytes,  # VmHWM, which _reset_peak resets
+    )
 
-    return (peak_gpu_bytes() or 0) if device.startswith("cuda") else peak_rss()
+    return (peak_gpu_bytes() or 0) if device.startswith("cuda") else peak_rss_bytes()
 
 
 def main() -> None:

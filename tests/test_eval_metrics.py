@@ -411,7 +411,7 @@ def test_process_memory_probes() -> None:
     rss = current_rss_bytes()
     peak = peak_rss_bytes()
     assert rss > 1 << 20  # a Python process with torch loaded holds well over 1 MiB
-    assert peak >= rss * 0.9  # peak (ru_maxrss) is at least the current RSS, modulo accounting skew
+    assert peak >= rss * 0.9  # the peak (VmHWM) is at least the current RSS, modulo accounting skew
     gpu = peak_gpu_bytes()
     if torch.cuda.is_available():
         assert gpu is not None and gpu >= 0

@@ -27,6 +27,7 @@ __all__ = [
     "model_memory_bytes",
     "peak_gpu_bytes",
     "peak_rss_bytes",
+    "proc_status_bytes",
 ]
 
 
@@ -238,13 +239,31 @@ def model_memory_bytes(model: torch.nn.Module) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process in bytes (0 where `resource` is unavailable)."""
+    """Peak resident bytes of this process so far: VmHWM, the high-water mark of its own address
+    space (resettable through /proc/self/clear_refs). Not ru_maxrss where VmHWM exists: Linux folds
+    into ru_maxrss the peak of the image the process replaced at exec, which for a child started by
+    vfork (Python's subprocess) is the parent's peak. Elsewhere ru_maxrss; 0 without `resource`."""
+    hwm = proc_status_bytes("/proc/self/status", "VmHWM:")
+    if hwm is not None:
+        return hwm
     try:
         import resource
     except ImportError:  # Windows
         return 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS reports bytes, Linux KiB
+
+
+def proc_status_bytes(path: str, key: str) -> int | None:
+    """A "Key:  N kB" line of a /proc file in bytes; None where there is no such file or line."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def current_rss_bytes() -> int:

@@ -23,13 +23,14 @@ the full run's estimate is that layer's time for each layer plus the embedding a
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lowbit.eval.perf import current_rss_bytes, proc_status_bytes
 
 GiB = 2**30
 RTN_BYTES_PER_ELEMENT = 14  # measured: QuantLinear.from_linear with the MSE search, 4096 x 14336 bf16 (12.2-13.2)
@@ -40,28 +41,6 @@ CUDA_CONTEXT = GiB // 2
 CUDA_HOST_LIBRARIES = GiB
 REMEDY = ("fewer calibration samples (--num-samples), shorter ones (--max-length), or the activations on disk "
           "(--activations-on-disk)")
-
-
-def current_rss() -> int:
-    """Resident bytes of this process now."""
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except ImportError:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_rss() -> int:
-    """Peak resident bytes of this process so far: VmHWM, the high-water mark of this process's own
-    address space. Not ru_maxrss: Linux folds into it the peak of the image the process replaced at
-    exec, which for a child started by vfork (Python's subprocess) is the parent's peak."""
-    hwm = _proc_bytes("/proc/self/status", "VmHWM:")
-    return hwm if hwm is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB
 
 
 @dataclass
@@ -146,7 +125,7 @@ def estimate(
     process_bytes: int | None = None,
 ) -> Plan:
     """The plan from unit sizes (pre, layers..., post) and the samples' lengths (see the module docstring)."""
-    base = current_rss() if process_bytes is None else process_bytes
+    base = current_rss_bytes() if process_bytes is None else process_bytes
     per_rank_tokens = [sum(sample_tokens[r::world]) for r in range(world)] if calibrates else [0] * world
     tokens = sum(per_rank_tokens)
     act_all = tokens * hidden * act_bytes
@@ -209,20 +188,8 @@ class Machine:
         return cls(host, gpu, int(shutil.disk_usage(parent).free))
 
 
-def _proc_bytes(path: str, key: str) -> int | None:
-    """A "Key:  N kB" line of a /proc file in bytes; None where there is no such file or line."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _meminfo_available() -> int:
-    avail = _proc_bytes("/proc/meminfo", "MemAvailable:")
+    avail = proc_status_bytes("/proc/meminfo", "MemAvailable:")
     return avail if avail is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 

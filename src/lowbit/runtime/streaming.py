@@ -61,10 +61,11 @@ from lowbit.algorithms.sequential import (
 )
 from lowbit.checkpoint.io import INDEX_NAME, check_output, write_json
 from lowbit.errors import LowbitError
+from lowbit.eval.perf import peak_rss_bytes
 from lowbit.nn.fused import apply_fusion_rules
 from lowbit.runtime.activations import ActivationStore, DiskFull
 from lowbit.runtime.collective import LOCAL, Collective
-from lowbit.runtime.plan import Machine, Plan, UnitSize, estimate, peak_rss, problems
+from lowbit.runtime.plan import Machine, Plan, UnitSize, estimate, problems
 from lowbit.runtime.resume import RunState, fingerprint, fresh_state, open_state, work_dir, write_atomic
 from lowbit.runtime.source import SourceModel
 from lowbit.scheme import Scheme, get_scheme
@@ -787,7 +788,7 @@ def _finalize(job: StreamJob, work: Path, state: RunState, skel: nn.Module, src:
     prov["streaming"] = {
         "ranks": world, "device": device.type, "activations_on_disk": job.activations_on_disk,
         "resumed_after_units": resumed_at, "units": state.units, "shards": n,
-        "peak_host_bytes_rank0": peak_rss(),
+        "peak_host_bytes_rank0": peak_rss_bytes(),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "plan": plan.to_dict(),
         "integrity": "per-unit finite check and per-module coverage; run `lowbit check` for the full gate",
