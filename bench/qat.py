@@ -96,7 +96,7 @@ def main() -> None:
     def write(rows: list[dict]) -> None:  # after every row: a run cut off keeps what it finished
         result = {"date": date.today().isoformat(), "machine": machine(), "device": device,
                   "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-                  "lowbit": lowbit.__version__, "command": "python bench/qat.py " + " ".join(sys.argv[1:]),
+                  "lowbit": lowbit.__version__, "torch": str(torch.__version__), "command": "python bench/qat.py " + " ".join(sys.argv[1:]),
                   "training": f"{data}, {args.seq_len}-token windows, distillation (KL to bf16)",
                   "evaluation": f"{WIKI.name}: {args.windows} x 512 tokens, bf16 emulation", "rows": rows}
         out.write_text(json.dumps(result, indent=2) + "\n")

@@ -179,6 +179,26 @@ def test_compile_falls_back_to_eager_where_it_would_round_activations_otherwise(
     assert q.compile_keeps_eager_rounding(student)
 
 
+@pytest.mark.parametrize(("version", "expected"), [("2.13.0+cpu", (2, 13)), ("2.11.0+cu130", (2, 11)),
+                                                   ("2.13.0a0+git1234", (2, 12)), ("2.10", (2, 10)),
+                                                   ("2.13.0.post1", (2, 13))])
+def test_torch_version_counts_a_prerelease_as_the_version_before(
+        monkeypatch: pytest.MonkeyPatch, version: str, expected: tuple[int, int]) -> None:
+    monkeypatch.setattr(torch, "__version__", version)
+    assert _torch_version() == expected
+
+
+@pytest.mark.skipif(_torch_version() < (2, 13), reason="static FP8 trains eager under --compile before torch 2.13")
+def test_static_fp8_trains_compiled_where_the_rounding_holds() -> None:
+    # train() compiles it, and its first-step gradient check (cosine >= 0.9 with eager) lets it through
+    torch._dynamo.reset()
+    teacher, student = tiny_llama(seed=3), tiny_llama()
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    prepare(student, get_scheme("fp8"), [ids[0]])
+    log = train(student, teacher, [ids], QATConfig(steps=2, lr=1e-4, compile=True), progress=False)
+    assert log.compiled and len(log.loss) == 2 and log.stopped is None
+
+
 def test_a_compiled_step_that_drops_gradients_is_caught() -> None:
     # what torch 2.11 did on CUDA with a custom autograd.Function: zero weight gradients, silently
     from lowbit.algorithms.qat import _check_compiled_gradients

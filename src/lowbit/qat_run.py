@@ -60,7 +60,9 @@ def generated_samples(model: Any, tokenizer: Any, n: int, length: int, seed: int
     torch.manual_seed(seed)
     out = sample_sequences(model, tokenizer, n, length, per_call=_sampling_batch(model, length, n))
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(torch.stack(out), path)
+    part = path.with_name(f"{path.stem}.{os.getpid()}.part")  # a run reading the cache never sees half a file
+    torch.save(torch.stack(out), part)
+    os.replace(part, path)
     return out
 
 
@@ -84,7 +86,8 @@ def sample_sequences(model: Any, tokenizer: Any, n: int, length: int, per_call: 
         ids = torch.full((k, 1), bos, dtype=torch.long, device=device)
         # The mask is explicit: left to infer one, generate() masks out every input token equal to
         # pad_token_id, and with the BOS as the pad the model sampled without seeing its BOS (measured on
-        # smollm2-135m: the samples' NLL under the model exceeded its entropy by 0.17 nats; 0.03 with it).
+        # smollm2-135m: the samples' NLL under the model exceeded its entropy by 0.17 nats; with it, +0.02 ± 0.015
+        # on an H100 in bf16, bench/results/sampling_speed_cuda.json).
         seq = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
                              temperature=1.0, max_new_tokens=length - 1, min_new_tokens=length - 1,
                              pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos,
@@ -179,6 +182,7 @@ def qat(
         "recipe": recipe.to_dict(),
         "algorithm": "qat" + (f" from {start}" if start else " from round-to-nearest"),
         "qat": {**asdict(cfg), "data": data, "data_sha256": data_hash, "seq_len": seq_len,
+                "compiled": train_log.compiled,  # what ran; "compile" is what was asked (see train())
                 "train_samples": len(samples), "tokens": train_log.tokens, "loss_curve": train_log.to_dict(),
                 **({"learned_formats": formats, "exported_as": "E4M3", "layers_changed_format": sorted(changed)}
                    if formats else {})},

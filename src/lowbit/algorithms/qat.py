@@ -18,6 +18,7 @@ import contextlib
 import copy
 import logging
 import math
+import re
 import time
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -288,8 +289,12 @@ def compile_keeps_eager_rounding(model: nn.Module) -> bool:
 
 
 def _torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    return int(major), int(minor)
+    """(major, minor) of torch; a pre-release (2.13.0a0, a nightly) counts as the version before it."""
+    m = re.match(r"(\d+)\.(\d+)(?:\.\d+)*(.*)", str(torch.__version__).split("+")[0])
+    if m is None:
+        raise LowbitError(f"cannot read torch's version {torch.__version__!r}")
+    major, minor = int(m.group(1)), int(m.group(2))
+    return (major, minor - 1) if re.match(r"(a|b|rc|\.?dev)", m.group(3)) else (major, minor)
 
 
 def _schedule(step: int, cfg: QATConfig) -> float:
@@ -370,7 +375,7 @@ def train(
             out.compiled = cfg.compile and compile_keeps_eager_rounding(student)
             if cfg.compile and not out.compiled:
                 log.warning("QAT --compile: torch %s compiles activation quantization with other rounding than eager "
-                            "(fixed from torch 2.13 on); training eager instead", torch.__version__)
+                            "(seen right from torch 2.13 on, on the CPU); training eager instead", torch.__version__)
             if out.compiled:  # state_dict keys stay as they are; evaluation and the gradient check run eager
                 fwd_student = stack.enter_context(compiled_for_training(student))
                 fwd_teacher = None if teacher is None else stack.enter_context(compiled_for_training(teacher))
@@ -464,7 +469,9 @@ def compiled_for_training(model: nn.Module, regional: bool = True) -> Iterator[A
     Inductor compiles with `emulate_precision_casts`: it rounds to bf16 wherever eager code does.
     Without it a fused RMSNorm fed its float32 result to the FP8 fake quantization, codes near a
     rounding boundary changed, and static FP8's compiled gradients had a cosine of 0.935 with eager
-    ones on the CPU (below 0.9 on an H100, where the gradient check stopped the run); with it, 1.0000."""
+    ones on the CPU (below 0.9 on an H100, where the gradient check stopped the run); with it, 1.0000
+    on torch 2.13 (CPU). Not on torch 2.11, where `train` trains such schemes eager instead
+    (`compile_keeps_eager_rounding`)."""
     import torch._inductor.config as inductor_config
 
     # regional needs set_stance (torch >= 2.6) for the eager evaluation and gradient check (`_eager`)
