@@ -4,12 +4,13 @@
 #   bash bench/gpu_issue9.sh a   # carry .gpu_carry/a, .gpu_carry/p0: wheels; the CUDA tests (~190 s)
 #   bash bench/gpu_issue9.sh b   # carry .gpu_carry/p1, .gpu_carry/data: generates the training text
 #                                # (cached), GPTQ baselines for W4A16 g64 and static FP8, one eager step each
-#   bash bench/gpu_issue9.sh c   # (same machine) W4A16 g64 QAT
+#   bash bench/gpu_issue9.sh c   # (same machine) W4A16 g64 QAT (LOSS=kd+hidden: with hidden states matched)
 #   bash bench/gpu_issue9.sh d   # (same machine) static FP8 QAT
 #   bash bench/gpu_issue9.sh e   # (same machine) W4A16 with --train lora against full training
 #   bash bench/gpu_issue9.sh s   # (same machine, after b) sampling speed: transformers' default KV cache
 #                                # against a static one, 2048 sequences each (bench/sampling_speed.py)
-# Variables: GEN (generated sequences, 16384: 200 s of sampling), STEPS, LRS, SCALE_LRS, RUNS (b), TESTS (a: pytest -k),
+# Variables: GEN (generated sequences, 16384: 200 s of sampling), STEPS, LRS, SCALE_LRS, LOSS (c), RUNS (b),
+# TESTS (a: pytest -k),
 # COMPILE (1, the default:
 # torch.compile the step; 0: eager). --compile compiles one decoder layer, reused by all (29.5 s cold
 # on an H100, 0.10 s a W4A16 step of 32 x 512 against 0.31 s eager); compiling the whole model took
@@ -41,7 +42,7 @@ b)
   ;;
 c)
   python bench/qat.py "${COMMON[@]}" --runs w4a16 --steps "${STEPS:-1500}" --lr "${LRS:-3e-4}" \
-    --scale-lr "${SCALE_LRS:-1e-3}" --json "$OUT/qat_w4a16_h100.json"
+    --scale-lr "${SCALE_LRS:-1e-3}" --loss "${LOSS:-kd}" --json "$OUT/qat_w4a16_h100.json"
   ;;
 d)
   # torch < 2.13 trains activation-quantized schemes eager even with --compile (train() says so)

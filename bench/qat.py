@@ -67,6 +67,8 @@ def main() -> None:
                     "sources joined by commas, e.g. PATH,generate:4096")
     ap.add_argument("--compile", action="store_true", help="torch.compile the training step")
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--loss", default="kd", help="kd, kd+hidden, ... (lowbit qat --loss)")
+    ap.add_argument("--hidden-weight", type=float, default=1.0)
     ap.add_argument("--train", default="all", help="what trains, comma-separated (all, scales, lora): one QAT run each")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--lora-rank", type=int, default=16)
@@ -97,7 +99,8 @@ def main() -> None:
         result = {"date": date.today().isoformat(), "machine": machine(), "device": device,
                   "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
                   "lowbit": lowbit.__version__, "torch": str(torch.__version__), "command": "python bench/qat.py " + " ".join(sys.argv[1:]),
-                  "training": f"{data}, {args.seq_len}-token windows, distillation (KL to bf16)",
+                  "training": f"{data}, {args.seq_len}-token windows, loss {args.loss} against bf16"
+                              + (f" (hidden weight {args.hidden_weight:g})" if "hidden" in args.loss else ""),
                   "evaluation": f"{WIKI.name}: {args.windows} x 512 tokens, bf16 emulation", "rows": rows}
         out.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -126,6 +129,7 @@ def main() -> None:
                                    for y in args.scale_lr.split(",") for m in args.train.split(",")]:
             cfg = QATConfig(steps=args.steps, lr=lr, scale_lr=scale_lr, batch_size=args.batch_size,
                             eval_every=max(1, args.steps // 5), warmup=args.warmup, compile=args.compile, train=mode,
+                            loss=args.loss, hidden_weight=args.hidden_weight,
                             lora_rank=args.lora_rank, lora_lr=args.lora_lr,
                             gradient_checkpointing=args.gradient_checkpointing)
             _reset_peak(device)
@@ -137,6 +141,8 @@ def main() -> None:
             q = res.provenance["qat"]
             what = {"all": f"lr {lr:g}, scale lr {scale_lr:g}", "scales": f"scales only, lr {scale_lr:g}",
                     "lora": f"scales (lr {scale_lr:g}), norms and LoRA rank {args.lora_rank}, lr {args.lora_lr:g}"}[mode]
+            if args.loss != "kd":
+                what += f", loss {args.loss}" + (f" x{args.hidden_weight:g}" if "hidden" in args.loss else "")
             qat_row = {"run": f"{label} QAT from {algorithm}, {what}", "seconds": qat_s, "train": mode, "gradient_checkpointing": args.gradient_checkpointing,
                        "train_seconds": res.seconds["train"], "steps": args.steps, "tokens": q["tokens"], "lr": lr,
                        "scale_lr": scale_lr, "batch": f"{args.batch_size} x {args.seq_len}",

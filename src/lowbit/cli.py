@@ -150,8 +150,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-len", type=_positive, default=256)
     t.add_argument("--lr", type=float, default=1e-5, help="learning rate of the weights")
     t.add_argument("--scale-lr", type=float, default=1e-4, help="learning rate of the quantization scales")
-    t.add_argument("--loss", choices=["kd", "ce", "kd+ce"], default="kd",
-                   help="kd: KL to the original model's logits (default); ce: next-token cross-entropy; both")
+    t.add_argument("--loss", choices=["kd", "ce", "kd+ce", "kd+hidden", "kd+ce+hidden"], default="kd",
+                   help="kd: KL to the original model's logits (default); ce: next-token cross-entropy; both; "
+                        "+hidden: also match every decoder layer's output (relative squared error)")
+    t.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the +hidden term (default 1)")
     t.add_argument("--train", choices=["all", "scales", "lora"], default="all",
                    help="all: weights and scales; scales: only the quantization scales; lora: the scales, the norms "
                         "and LoRA adapters, merged before export (models that do not fit full fine-tuning)")
@@ -612,7 +614,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     from lowbit.table import render
 
     cfg = QATConfig(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, batch_size=args.batch_size,
-                    warmup=args.warmup, loss=args.loss, train=args.train, eval_every=args.eval_every, seed=args.seed,
+                    warmup=args.warmup, loss=args.loss, hidden_weight=args.hidden_weight, train=args.train, eval_every=args.eval_every, seed=args.seed,
                     gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
                     learn_format=args.learn_format, format_lr=args.format_lr, lora_rank=args.lora_rank,
                     lora_lr=args.lora_lr)

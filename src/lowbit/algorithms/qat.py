@@ -8,7 +8,7 @@
 `prepare` starts from post-training quantization: scales (and static input scales) from
 calibration, or the layers of a `--from` checkpoint made with GPTQ or AWQ. `train` is lowbit's own
 loop: distillation (KL to the frozen original's logits) by default, next-token cross-entropy, or
-both; AdamW (fused on CUDA) with warm-up and cosine decay; a held-out loss every K steps; a stop
+both, optionally with the layers' hidden states matched too ("+hidden"); AdamW (fused on CUDA) with warm-up and cosine decay; a held-out loss every K steps; a stop
 with the last good state restored when the loss stops being finite.
 """
 
@@ -39,7 +39,7 @@ from lowbit.targets import set_submodule
 
 log = logging.getLogger("lowbit")
 
-LOSSES = ("kd", "ce", "kd+ce")
+LOSSES = ("kd", "ce", "kd+ce", "kd+hidden", "kd+ce+hidden")
 TRAINABLE = ("all", "scales", "lora")
 
 
@@ -50,7 +50,9 @@ class QATConfig:
     scale_lr: float = 1e-4  # learned scales (no weight decay)
     batch_size: int = 4
     warmup: int = 10  # steps of linear warm-up, then cosine decay to 10%
-    loss: str = "kd"  # kd: KL(original || quantized) of the next-token distributions; ce; kd+ce
+    loss: str = "kd"  # kd: KL(original || quantized) of the next-token distributions; ce; kd+ce; "+hidden" adds
+    # hidden_weight x the decoder layers' relative hidden-state error against the original (hidden_loss)
+    hidden_weight: float = 1.0
     train: str = "all"  # all: weights and scales; scales: the learned scales only; lora: scales, norms and
     # LoRA adapters (merged before export): no gradient or optimizer state for the weights (models that do not fit)
     lora_rank: int = 16
@@ -66,6 +68,8 @@ class QATConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise LowbitError(f"unknown QAT loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if not (self.hidden_weight >= 0 and math.isfinite(self.hidden_weight)):
+            raise LowbitError(f"--hidden-weight must be a finite number >= 0, got {self.hidden_weight}")
         if self.train not in TRAINABLE:
             raise LowbitError(f"--train {self.train!r}: choose all, scales or lora")
         if self.lora_rank < 1:
@@ -259,6 +263,22 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
     return loss
 
 
+def hidden_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers and tokens of |h_s - h_t|^2 / |h_t|^2, the relative squared error of each
+    decoder layer's output (B, T, D) against the original's, in float32. A dense target (D numbers a
+    token and layer, not one distribution) that keeps the student near the original inside as well:
+    on a CPU proxy of W4A16 QAT on 16 windows it lowered the wikitext KL by 10% at equal steps
+    (bench/qat_hidden_proxy.py, BENCHMARKS.md)."""
+    if len(student_hidden) != len(teacher_hidden) or not student_hidden:
+        raise LowbitError(f"hidden-state distillation needs the same layers in both models, got "
+                          f"{len(student_hidden)} and {len(teacher_hidden)}")
+    total = student_hidden[0].new_zeros((), dtype=torch.float32)
+    for a, b in zip(student_hidden, teacher_hidden, strict=True):
+        a, b = a.float(), b.float()
+        total = total + ((a - b).pow(2).sum(-1) / b.pow(2).sum(-1).clamp_min(1e-6)).mean()
+    return total / len(student_hidden)
+
+
 @dataclass
 class TrainLog:
     steps: list[int] = field(default_factory=list)
@@ -407,7 +427,7 @@ def _loop(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Ten
     for step in bar:
         ids = batches[step % len(batches)].to(device)
         try:
-            loss = _batch_loss(fwd_student, fwd_teacher, ids, cfg.loss, loss_fn)
+            loss = _batch_loss(fwd_student, fwd_teacher, ids, cfg.loss, loss_fn, cfg.hidden_weight)
             value = float(loss.detach())
         except ValueError:  # a scale driven to zero, a negative value or NaN by the last update
             value = math.nan
@@ -419,7 +439,8 @@ def _loop(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Ten
         loss.backward()
         if out.compiled and not checked:  # the first compiled step of this run (resumed runs too)
             checked = True
-            _check_compiled_gradients(student, teacher, ids, cfg.loss, [*weights, *scales])
+            _check_compiled_gradients(student, teacher, ids, cfg.loss, [*weights, *scales],
+                                      hidden_weight=cfg.hidden_weight)
         torch.nn.utils.clip_grad_norm_([*weights, *scales], cfg.grad_clip)
         opt.step()
         sched.step()
@@ -505,7 +526,8 @@ def _eager() -> contextlib.AbstractContextManager[Any]:
 
 
 def _check_compiled_gradients(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, kind: str,
-                               params: Sequence[torch.Tensor], min_cosine: float = 0.9) -> float:
+                               params: Sequence[torch.Tensor], min_cosine: float = 0.9,
+                               hidden_weight: float = 1.0) -> float:
     """The first compiled step's gradients (in params' .grad) against an eager step's on the same
     batch: a compiler that silently drops gradients would otherwise train nothing (torch 2.11 on
     CUDA did, with a custom autograd.Function). Raises LowbitError below `min_cosine`; the eager
@@ -514,7 +536,7 @@ def _check_compiled_gradients(student: nn.Module, teacher: nn.Module | None, ids
     for p in params:
         p.grad = None
     with _eager():  # regionally compiled blocks run their Python code
-        _batch_loss(student, teacher, ids, kind).backward()
+        _batch_loss(student, teacher, ids, kind, hidden_weight=hidden_weight).backward()
     eager = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
     dot = sum((c.double() * e.double()).sum() for c, e in zip(compiled, eager, strict=True))
     nc = math.sqrt(sum(float(c.double().square().sum()) for c in compiled))
@@ -535,7 +557,9 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate_loss(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Tensor], kind: str) -> float:
-    """The mean loss over `batches`, eager (a compiled training run compiles no second, inference graph)."""
+    """The mean loss over `batches`, eager (a compiled training run compiles no second, inference graph).
+    The hidden-state term is left out: held-out losses compare across runs with and without it."""
+    kind = kind.replace("+hidden", "")
     student.eval()
     device = next(student.parameters()).device
     total = 0.0
@@ -545,11 +569,21 @@ def evaluate_loss(student: nn.Module, teacher: nn.Module | None, batches: list[t
     return total / len(batches)
 
 
-def _batch_loss(student: Any, teacher: Any, ids: torch.Tensor, kind: str, loss_fn: Any = distill_loss) -> torch.Tensor:
+def _batch_loss(student: Any, teacher: Any, ids: torch.Tensor, kind: str, loss_fn: Any = distill_loss,
+                hidden_weight: float = 1.0) -> torch.Tensor:
     """The training loss of one batch; the teacher (needed for "kd") runs without gradients."""
-    with torch.no_grad():
-        t = teacher(input_ids=ids, use_cache=False).logits if teacher is not None and "kd" in kind else None
-    return loss_fn(student(input_ids=ids, use_cache=False).logits, t, ids, kind)
+    hidden = "hidden" in kind
+    t = None
+    if teacher is not None and "kd" in kind:
+        with torch.no_grad():
+            t = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+    s = student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+    loss = loss_fn(s.logits, None if t is None else t.logits, ids, kind)
+    if hidden and t is not None:  # the embeddings' output (index 0) is never quantized: left out
+        if s.hidden_states is None or t.hidden_states is None:
+            raise LowbitError("--loss ...+hidden: the model returns no hidden states")
+        loss = loss + hidden_weight * hidden_loss(s.hidden_states[1:], t.hidden_states[1:])
+    return loss
 
 
 def batches_from_samples(samples: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
