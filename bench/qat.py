@@ -168,7 +168,7 @@ def _train_loss_at_evals(curve: dict) -> list[float]:
     beside the held-out loss it tells overfitting (training loss falling, held-out not) from a plateau."""
     out, last = [], 0
     for step in curve["eval_steps"]:
-        window = curve["loss"][last:step]
+        window = (curve.get("logit_loss") or curve["loss"])[last:step]  # +hidden: the part the held-out loss has
         out.append(sum(window) / len(window) if window else float("nan"))
         last = step
     return out

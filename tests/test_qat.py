@@ -635,24 +635,35 @@ def test_hidden_loss_is_the_mean_relative_squared_error_of_the_layers() -> None:
         QATConfig(loss="kd+hidden", hidden_weight=-1.0)
 
 
-def test_hidden_state_distillation_trains_and_reports_a_comparable_held_out_loss() -> None:
-    # "+hidden" adds the layers' error to the training loss (so its first loss is above plain kd's from
-    # the same start) but not to the held-out loss, which stays the KL that runs without it report
-    from lowbit.algorithms.qat import _batch_loss, evaluate_loss
+def test_hidden_state_distillation_adds_the_weighted_layer_error_and_keeps_held_out_losses_comparable() -> None:
+    # "+hidden" adds hidden_weight x hidden_loss over hidden_states[1:] to the training loss (for kd+ce
+    # too), records the logits' part apart, and leaves the held-out loss the plain KL of runs without it
+    from lowbit.algorithms.qat import _batch_loss, distill_loss, evaluate_loss, hidden_loss
 
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(3, 300, (2, 16), generator=gen) for _ in range(2)]
-    first = {}
-    for kind in ("kd", "kd+hidden"):
-        teacher, student = tiny_llama(seed=3), tiny_llama()
-        prepare(student, get_scheme("w4a16", group_size=32), [batches[0][0]])
-        kd0 = float(_batch_loss(student, teacher, batches[0], "kd"))
-        assert evaluate_loss(student, teacher, batches[:1], kind) == pytest.approx(kd0, rel=1e-5)
-        log = train(student, teacher, batches, QATConfig(steps=3, lr=1e-4, loss=kind, hidden_weight=2.0,
-                                                         eval_every=3), eval_batches=batches[:1], progress=False)
-        assert len(log.eval_loss) == 1 and log.stopped is None
-        first[kind] = log.loss[0]
-    assert first["kd+hidden"] > first["kd"] * 1.01
+    teacher, student = tiny_llama(), tiny_llama()  # the same model: only quantization separates them
+    prepare(student, get_scheme("w4a16", group_size=32), [batches[0][0]])
+    ids = batches[0]
+    with torch.no_grad():
+        t, s = (m(input_ids=ids, use_cache=False, output_hidden_states=True) for m in (teacher, student))
+        assert len(s.hidden_states) == len(student.model.layers) + 1
+        hid = hidden_loss(s.hidden_states[1:], t.hidden_states[1:])
+        assert float(hid) > 0
+        for kind in ("kd", "kd+ce"):
+            logits = distill_loss(s.logits, t.logits, ids, kind)
+            parts: dict[str, torch.Tensor] = {}
+            got = _batch_loss(student, teacher, ids, kind + "+hidden", hidden_weight=0.5, parts=parts)
+            torch.testing.assert_close(got, logits + 0.5 * hid, rtol=1e-6, atol=0)  # float32, same ops
+            torch.testing.assert_close(parts["logits"], logits, rtol=1e-6, atol=0)
+    kd0 = float(_batch_loss(student, teacher, ids, "kd"))
+    assert evaluate_loss(student, teacher, [ids], "kd+hidden") == pytest.approx(kd0, rel=1e-6)
+    log = train(student, teacher, batches, QATConfig(steps=3, lr=1e-4, loss="kd+hidden", hidden_weight=2.0,
+                                                     eval_every=3), eval_batches=batches[:1], progress=False)
+    assert len(log.eval_loss) == 1 and len(log.logit_loss) == 3 and log.stopped is None
+    assert all(total > part for total, part in zip(log.loss, log.logit_loss, strict=True))
+    with pytest.raises(LowbitError, match="applies to a \\+hidden loss"):
+        QATConfig(loss="kd", hidden_weight=2.0)
 
 
 def test_cli_passes_the_hidden_state_loss_through(tmp_path: Path, tiny_model_dir: Path, calib_file: Path) -> None:

@@ -70,6 +70,8 @@ class QATConfig:
             raise LowbitError(f"unknown QAT loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         if not (self.hidden_weight >= 0 and math.isfinite(self.hidden_weight)):
             raise LowbitError(f"--hidden-weight must be a finite number >= 0, got {self.hidden_weight}")
+        if self.hidden_weight != 1.0 and "hidden" not in self.loss:
+            raise LowbitError(f"--hidden-weight applies to a +hidden loss (kd+hidden, kd+ce+hidden), not {self.loss}")
         if self.train not in TRAINABLE:
             raise LowbitError(f"--train {self.train!r}: choose all, scales or lora")
         if self.lora_rank < 1:
@@ -265,10 +267,13 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
 
 def hidden_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean over layers and tokens of |h_s - h_t|^2 / |h_t|^2, the relative squared error of each
-    decoder layer's output (B, T, D) against the original's, in float32. A dense target (D numbers a
-    token and layer, not one distribution) that keeps the student near the original inside as well:
-    on a CPU proxy of W4A16 QAT on 16 windows it lowered the wikitext KL by 10% at equal steps
-    (bench/qat_hidden_proxy.py, BENCHMARKS.md)."""
+    layer's hidden state (B, T, D) against the original's, in float32. `_batch_loss` passes
+    transformers' `hidden_states[1:]`: the decoder layers' outputs, the last one after the final norm
+    (transformers replaces it). A dense target (D numbers a token and layer, not one distribution)
+    that keeps the student near the original inside as well: on a CPU proxy of W4A16 QAT on 16
+    windows it lowered the wikitext KL by 10% at equal steps, one seed (bench/qat_hidden_proxy.py,
+    BENCHMARKS.md). Memory: every layer's states of both models, and a float32 difference a layer,
+    stay alive for the backward: about 2 x layers x tokens x hidden x 4 bytes more than `kd`."""
     if len(student_hidden) != len(teacher_hidden) or not student_hidden:
         raise LowbitError(f"hidden-state distillation needs the same layers in both models, got "
                           f"{len(student_hidden)} and {len(teacher_hidden)}")
@@ -283,6 +288,7 @@ def hidden_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence
 class TrainLog:
     steps: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
+    logit_loss: list[float] = field(default_factory=list)  # +hidden only: `loss` less the hidden-state term
     lr: list[float] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
     eval_loss: list[float] = field(default_factory=list)
@@ -427,8 +433,11 @@ def _loop(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Ten
     for step in bar:
         ids = batches[step % len(batches)].to(device)
         try:
-            loss = _batch_loss(fwd_student, fwd_teacher, ids, cfg.loss, loss_fn, cfg.hidden_weight)
+            parts: dict[str, torch.Tensor] = {}
+            loss = _batch_loss(fwd_student, fwd_teacher, ids, cfg.loss, loss_fn, cfg.hidden_weight, parts)
             value = float(loss.detach())
+            if "logits" in parts:  # +hidden: the logits' part too, comparable with the held-out loss
+                out.logit_loss.append(float(parts["logits"].detach()))
         except ValueError:  # a scale driven to zero, a negative value or NaN by the last update
             value = math.nan
         if not math.isfinite(value):
@@ -455,7 +464,7 @@ def _loop(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Ten
         if eval_batches and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             out.eval_steps.append(step + 1)
             out.eval_loss.append(evaluate_loss(student, teacher, eval_batches, cfg.loss))
-            log.info("QAT step %d: held-out %s loss %.5f", step + 1, cfg.loss, out.eval_loss[-1])
+            log.info("QAT step %d: held-out %s loss %.5f", step + 1, cfg.loss.replace("+hidden", ""), out.eval_loss[-1])
             good = _trainable_state(student)
             good_step = step + 1
             student.train()
@@ -570,8 +579,9 @@ def evaluate_loss(student: nn.Module, teacher: nn.Module | None, batches: list[t
 
 
 def _batch_loss(student: Any, teacher: Any, ids: torch.Tensor, kind: str, loss_fn: Any = distill_loss,
-                hidden_weight: float = 1.0) -> torch.Tensor:
-    """The training loss of one batch; the teacher (needed for "kd") runs without gradients."""
+                hidden_weight: float = 1.0, parts: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The training loss of one batch; the teacher (needed for "kd") runs without gradients. With
+    "+hidden", `parts` (when given) receives the logits' part under "logits"."""
     hidden = "hidden" in kind
     t = None
     if teacher is not None and "kd" in kind:
@@ -582,6 +592,8 @@ def _batch_loss(student: Any, teacher: Any, ids: torch.Tensor, kind: str, loss_f
     if hidden and t is not None:  # the embeddings' output (index 0) is never quantized: left out
         if s.hidden_states is None or t.hidden_states is None:
             raise LowbitError("--loss ...+hidden: the model returns no hidden states")
+        if parts is not None:
+            parts["logits"] = loss
         loss = loss + hidden_weight * hidden_loss(s.hidden_states[1:], t.hidden_states[1:])
     return loss
 
