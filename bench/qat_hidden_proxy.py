@@ -5,7 +5,9 @@ loss is KL(bf16 || quantized) of the next-token distributions plus LAMBDA times 
 of |h_student - h_teacher|^2 / |h_teacher|^2. KL is reported on 32 held-out calibration windows and on
 24 wikitext windows, every 40 steps.
 
-    PYTHONPATH=src OMP_NUM_THREADS=2 python bench/qat_hidden_proxy.py LAMBDA STEPS TAG
+    PYTHONPATH=src OMP_NUM_THREADS=2 python bench/qat_hidden_proxy.py LAMBDA STEPS TAG [SEED]
+
+SEED (default 0) picks the training and held-out windows.
 
 Writes bench/results/qat_hidden_proxy_TAG.json. A proxy on a 2-core CPU, not the H100 recipe.
 """
@@ -37,15 +39,16 @@ def windows(path: Path, tok, n: int | None = None, chars: int | None = None) -> 
 
 
 def main() -> None:
-    torch.manual_seed(0)
     lam, steps, tag = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    seed = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    torch.manual_seed(seed)
     model, tok, _ = load_model("smollm2-135m", device="cpu")
     model = model.float()
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     wins = windows(DATA / "calibration" / "groups_merged.txt", tok)
-    perm = torch.randperm(len(wins), generator=torch.Generator().manual_seed(0))
+    perm = torch.randperm(len(wins), generator=torch.Generator().manual_seed(seed))
     train, held = wins[perm[:16]], wins[perm[16:48]]
     wk = windows(DATA / "wikitext-2-raw" / "wiki.test.raw", tok, n=24, chars=200000)
     prepare(model, get_scheme("w4a16", group_size=64), [train[0]])
@@ -90,7 +93,7 @@ def main() -> None:
                          "held_kl": ev(held), "wiki_kl": ev(wk), "s": time.time() - t0})
             print(tag, rows[-1], flush=True)
     out = {"date": date.today().isoformat(), "machine": "2-core CPU", "torch": str(torch.__version__),
-           "command": "python bench/qat_hidden_proxy.py " + " ".join(sys.argv[1:]), "lambda": lam, "rows": rows}
+           "command": "python bench/qat_hidden_proxy.py " + " ".join(sys.argv[1:]), "lambda": lam, "seed": seed, "rows": rows}
     (REPO / "bench" / "results" / f"qat_hidden_proxy_{tag}.json").write_text(json.dumps(out, indent=1) + "\n")
 
 

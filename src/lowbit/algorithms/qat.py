@@ -271,7 +271,7 @@ def hidden_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence
     transformers' `hidden_states[1:]`: the decoder layers' outputs, the last one after the final norm
     (transformers replaces it). A dense target (D numbers a token and layer, not one distribution)
     that keeps the student near the original inside as well: on a CPU proxy of W4A16 QAT on 16
-    windows it lowered the wikitext KL by 10% at equal steps, one seed (bench/qat_hidden_proxy.py,
+    windows it lowered the wikitext KL by 5-10% at equal steps, two seeds (bench/qat_hidden_proxy.py,
     BENCHMARKS.md). Memory: every layer's states of both models, and a float32 difference a layer,
     stay alive for the backward: about 2 x layers x tokens x hidden x 4 bytes more than `kd`."""
     if len(student_hidden) != len(teacher_hidden) or not student_hidden:
