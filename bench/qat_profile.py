@@ -1,6 +1,7 @@
 """Where a QAT training step's time goes (issue 9's speed): smollm2-135m's shape, random weights.
 
     PYTHONPATH=src python bench/qat_profile.py [--device cuda] [--scheme w4a16] [--batch 8 --seq-len 512]
+        [--train lora] [--compile [--compile-modes regional]]
 
 Times a distillation step (teacher forward, fake-quantized student forward and backward, AdamW)
 against the same step of plain bf16 fine-tuning (no fake quantization), then prints the
@@ -28,6 +29,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--train", default="scales", choices=["scales", "lora"],
+                    help="what the timed QAT step trains: the scales (the full step's work less the weights' "
+                         "optimizer), or --train lora's scales, norms (float32 masters) and rank-16 adapters")
     ap.add_argument("--compile", action="store_true", help="also time the step compiled (QATConfig(compile=True))")
     ap.add_argument("--compile-modes", default="regional,whole",
                     help="with --compile: regional (lowbit's: one compiled decoder layer, reused) and/or whole "
@@ -36,9 +40,11 @@ def main() -> None:
 
     from lowbit.algorithms.qat import (
         _batch_loss,
+        add_lora,
         _check_compiled_gradients,
         compiled_for_training,
         distill_loss,
+        norm_parameters,
         prepare,
     )
     from lowbit.models.shapes import build_random
@@ -52,9 +58,12 @@ def main() -> None:
     student = copy.deepcopy(teacher)
     scheme = get_scheme(args.scheme, group_size=64 if args.scheme.startswith("w4") else None)
     prepare(student, scheme, [ids[0]])
+    if args.train == "lora":
+        add_lora(student, 16)
+        norm_parameters(student)
 
     row: dict = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "scheme": args.scheme,
-                 "batch": f"{args.batch} x {args.seq_len}"}
+                 "batch": f"{args.batch} x {args.seq_len}", "train": args.train, "torch": torch.__version__}
 
     def stepper(model: torch.nn.Module, train_all: bool, compiled: str | None = None,
                 stack: contextlib.ExitStack | None = None):
@@ -124,7 +133,8 @@ def main() -> None:
     key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
     print(json.dumps(row), flush=True)
-    path = REPO / "bench" / "results" / f"qat_profile_{args.device}.json"
+    lora = "_lora" if args.train == "lora" else ""
+    path = REPO / "bench" / "results" / f"qat_profile_{args.device}{lora}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row, indent=2) + "\n")
 
