@@ -40,8 +40,8 @@ def main() -> None:
 
     from lowbit.algorithms.qat import (
         _batch_loss,
-        add_lora,
         _check_compiled_gradients,
+        add_lora,
         compiled_for_training,
         distill_loss,
         norm_parameters,
