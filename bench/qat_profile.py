@@ -5,7 +5,7 @@
 
 Times a distillation step (teacher forward, fake-quantized student forward and backward, AdamW)
 against the same step of plain bf16 fine-tuning (no fake quantization), then prints the
-profiler's top operators for one QAT step. Writes bench/results/qat_profile.json.
+profiler's top operators for one QAT step. Writes bench/results/qat_profile_{device}[_lora].json.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--train", default="scales", choices=["scales", "lora"],
-                    help="what the timed QAT step trains: the scales (the full step's work less the weights' "
-                         "optimizer), or --train lora's scales, norms (float32 masters) and rank-16 adapters")
+    ap.add_argument("--train", default="all", choices=["all", "lora"],
+                    help="what the timed QAT step trains, as train() does: every fake-quantized weight and "
+                         "scale, or --train lora's scales, norms (float32 masters) and rank-16 adapters")
     ap.add_argument("--compile", action="store_true", help="also time the step compiled (QATConfig(compile=True))")
     ap.add_argument("--compile-modes", default="regional,whole",
                     help="with --compile: regional (lowbit's: one compiled decoder layer, reused) and/or whole "
@@ -44,6 +44,7 @@ def main() -> None:
         add_lora,
         compiled_for_training,
         distill_loss,
+        fake_layers,
         norm_parameters,
         prepare,
     )
@@ -58,7 +59,9 @@ def main() -> None:
     student = copy.deepcopy(teacher)
     scheme = get_scheme(args.scheme, group_size=64 if args.scheme.startswith("w4") else None)
     prepare(student, scheme, [ids[0]])
-    if args.train == "lora":
+    if args.train == "lora":  # the weights freeze, as train() freezes them
+        for fq in fake_layers(student).values():
+            fq.weight.requires_grad_(False)
         add_lora(student, 16)
         norm_parameters(student)
 

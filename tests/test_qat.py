@@ -462,7 +462,10 @@ def straight_and_resumed(teacher: torch.nn.Module, cfg: QATConfig, stop_at: int,
         train(fresh(), teacher, batches, cfg, progress=False, on_step=stop, state_path=state)
     assert state.exists()
     resumed = fresh()
-    out = train(resumed, teacher, batches, cfg, progress=False, state_path=state)
+    seen: list[int] = []
+    out = train(resumed, teacher, batches, cfg, progress=False, state_path=state,
+                on_step=lambda step, _loss: seen.append(step))
+    assert seen and seen[0] > 0, seen  # it resumed, rather than training again from step 0
     return straight, resumed, out
 
 
@@ -577,7 +580,7 @@ def test_float32_master_norms_compile_once_for_all_layers() -> None:
     # Regional compilation reuses one compiled layer forward only while the layers' modules have the
     # same types. torch's parametrize gave every norm its own class, so each layer recompiled until
     # dynamo's limit (8) and the rest ran eager: --train lora stepped at 0.30 s on an H100 against
-    # 0.14 s for full training. 10 layers, more than the limit: one graph for all of them.
+    # 0.13 s for full training. 10 layers, more than the limit: one graph for all of them.
     from lowbit.algorithms.qat import compiled_for_training, norm_parameters
 
     model = tiny_llama(seed=2, num_hidden_layers=10)  # bf16: every norm gets a float32 master
@@ -629,9 +632,12 @@ def test_a_state_with_parameters_the_model_lacks_is_refused(tmp_path: Path) -> N
     saved = torch.load(state, weights_only=False)
     saved["params"]["model.norm.parametrizations.weight.original"] = torch.ones(64)
     torch.save(saved, state)
+    student = fresh()
+    start = copy.deepcopy(student.state_dict())
     with pytest.raises(LowbitError, match="holds parameters this model does not have"):
-        train(fresh(), teacher, batches, cfg, progress=False, state_path=state)
+        train(student, teacher, batches, cfg, progress=False, state_path=state)
     assert state.exists()
+    assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())  # nothing half-loaded
 
 
 def test_cli_lora_run_writes_a_merged_checkpoint(tmp_path: Path, tiny_model_dir: Path, calib_file: Path) -> None:
