@@ -12,7 +12,8 @@ reported for (up to) 64 sequences. In bf16 the sampling forward (with a KV cache
 (without) round differently, by up to 0.7 in a log-probability on the CPU, so expect a gap of a few
 standard errors either way. Sampling with the BOS hidden by an inferred mask, which
 `sample_sequences` avoids, showed a gap of 0.17 nats (float32).
-With --profile, the operators of 16 decode steps of the first config are printed. Writes
+With --profile, the operators of 16 decode steps of the first config are printed, and the JSON
+keeps the wall time of those steps, the time the GPU was busy and the top operators. Writes
 bench/results/sampling_speed_<device>.json.
 """
 
@@ -91,16 +92,35 @@ def main() -> None:
         cache, batch = args.configs.split(",")[0].split(":")
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
         with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
             sample_sequences(model, tok, int(batch), 17, per_call=int(batch),
                              cache_implementation=None if cache == "dynamic" else cache, progress=False)
             sync()
-        key = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
+            wall = time.perf_counter() - t0
+        cuda = args.device.startswith("cuda")
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        events = prof.key_averages()
+        print(events.table(sort_by=key, row_limit=15), flush=True)
+
+        def own_us(e) -> float:  # type: ignore[no-untyped-def]  # the event's own time on the device (or CPU)
+            if not cuda:
+                return float(e.self_cpu_time_total)
+            return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+
+        top = sorted(events, key=own_us, reverse=True)
+        busy = sum(own_us(e) for e in events) / 1e6
+        # busy against wall: a GPU busy for much less than the wall time waits on the host (launches,
+        # Python), and a faster sampler would need fewer host steps, not faster kernels
+        profile_row = {"config": f"{cache}:{batch}", "decode_steps": 16, "wall_s": wall,
+                       "busy_s": busy, "busy_of": "GPU kernels" if cuda else "CPU operators",
+                       "top": [{"op": e.key, "self_s": own_us(e) / 1e6, "calls": e.count} for e in top[:12]]}
+        print(json.dumps({k: v for k, v in profile_row.items() if k != "top"}), flush=True)
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
     out = REPO / "bench" / "results" / f"sampling_speed_{args.device.split(':')[0]}.json"
     out.write_text(json.dumps({"date": date.today().isoformat(), "machine": machine(), "gpu": gpu,
                                "command": "python bench/sampling_speed.py " + " ".join(sys.argv[1:]),
-                               "rows": rows}, indent=2) + "\n")
+                               "rows": rows, **({"profile": profile_row} if args.profile else {})},
+                              indent=2) + "\n")
     print("\n| cache | batch | s | ms a sequence | tokens/s | warm-up s | NLL - entropy |\n|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['cache']} | {r['batch']} | {r['seconds']:.1f} | {r['ms_per_sequence']:.1f} | "
