@@ -73,7 +73,7 @@ class QATConfig:
         if self.hidden_weight != 1.0 and "hidden" not in self.loss:
             raise LowbitError(f"--hidden-weight applies to a +hidden loss (kd+hidden, kd+ce+hidden), not {self.loss}")
         if self.train not in TRAINABLE:
-            raise LowbitError(f"--train {self.train!r}: choose all, scales or lora")
+            raise LowbitError(f"--train {self.train!r}: choose one of {', '.join(TRAINABLE)}")
         if self.lora_rank < 1:
             raise LowbitError(f"--lora-rank must be at least 1, got {self.lora_rank}")
         if self.steps < 1 or self.batch_size < 1:
@@ -189,25 +189,34 @@ def add_lora(model: nn.Module, rank: int, seed: int = 0) -> list[nn.Parameter]:
     return [p for fq in fake_layers(model).values() for p in fq.lora_params()]
 
 
+class _Float32Master:
+    """Mixed into a norm's class by `_with_float32_master`: `weight` reads the float32 master
+    `weight_master` in the norm's own dtype (`master_dtype`)."""
+
+    weight_master: nn.Parameter
+    master_dtype: torch.dtype
+    plain: type  # the norm's own class, which `_drop_float32_master` puts back
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_master.to(self.master_dtype)
+
+
 _MASTER_CLASSES: dict[type, type] = {}
-
-
-def _read_master(self: Any) -> torch.Tensor:
-    return self.weight_master.to(self.master_dtype)
 
 
 def _with_float32_master(mod: Any) -> nn.Parameter:
     """Give `mod` (a norm whose `weight` is in a lower dtype) a float32 master parameter,
     `weight_master`, which `mod.weight` reads back in the old dtype: bf16 norms would lose updates
-    smaller than their rounding step (0.4%). Done by swapping in a subclass with a `weight` property,
-    one subclass per norm class shared by every such norm, so that the decoder layers keep one type
-    each and regional compilation traces one of them for all. (torch's parametrize made a class per
-    module: every layer recompiled until dynamo's limit of 8, the rest ran eager, and --train lora
-    stepped at 0.30 s on an H100 against 0.13 s for full training.) `convert` undoes it."""
+    smaller than their rounding step (0.4%). Done by swapping in a subclass with `_Float32Master`
+    mixed in, one subclass per norm class shared by every such norm, so that the decoder layers keep
+    one type each and regional compilation traces one of them for all. (torch's parametrize made a
+    class per module: every layer recompiled until dynamo's limit of 8, the rest ran eager, and
+    --train lora stepped at 0.30 s on an H100 against 0.13 s for full training.) `convert` undoes it."""
     base = type(mod)
     cls = _MASTER_CLASSES.get(base)
     if cls is None:
-        cls = _MASTER_CLASSES[base] = type(f"Float32Master{base.__name__}", (base,), {"weight": property(_read_master)})
+        cls = _MASTER_CLASSES[base] = type(f"Float32Master{base.__name__}", (_Float32Master, base), {"plain": base})
     w = mod._parameters.pop("weight")
     assert w is not None
     mod.master_dtype = w.dtype
@@ -219,7 +228,7 @@ def _with_float32_master(mod: Any) -> nn.Parameter:
 def _drop_float32_master(mod: Any) -> None:
     value = mod.weight.detach().clone()  # the master, read in the model's dtype
     del mod.weight_master, mod.master_dtype
-    mod.__class__ = type(mod).__bases__[0]
+    mod.__class__ = mod.plain
     mod.weight = nn.Parameter(value, requires_grad=False)
 
 
@@ -227,9 +236,8 @@ def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The weights of the model's normalization layers (RMSNorm, LayerNorm), made trainable in float32:
     a norm in a lower dtype gets a float32 master parameter (`_with_float32_master`), removed by `convert`."""
     out = []
-    masters = tuple(_MASTER_CLASSES.values())
     for mod in model.modules():
-        if masters and isinstance(mod, masters):
+        if isinstance(mod, _Float32Master):
             p = mod.weight_master
         elif type(mod).__name__.endswith(("RMSNorm", "LayerNorm")):
             w = getattr(mod, "weight", None)
@@ -248,9 +256,8 @@ def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
 def convert(model: nn.Module) -> nn.Module:
     """Every FakeQuantLinear back to the QuantLinear it exports as (in place), LoRA adapters merged
     and trained norms back in the model's dtype; returns the model."""
-    masters = tuple(_MASTER_CLASSES.values())
     for mod in model.modules():
-        if masters and isinstance(mod, masters):
+        if isinstance(mod, _Float32Master):
             _drop_float32_master(mod)
     for name, fq in fake_layers(model).items():
         set_submodule(model, name, fq.to_quant_linear())
@@ -478,7 +485,7 @@ def _loop(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Ten
         if eval_batches and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             out.eval_steps.append(step + 1)
             out.eval_loss.append(evaluate_loss(student, teacher, eval_batches, cfg.loss))
-            log.info("QAT step %d: held-out %s loss %.5f", step + 1, cfg.loss.replace("+hidden", ""), out.eval_loss[-1])
+            log.info("QAT step %d: held-out %s loss %.5f", step + 1, held_out_kind(cfg.loss), out.eval_loss[-1])
             good = _trainable_state(student)
             good_step = step + 1
             student.train()
@@ -578,11 +585,17 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
 
+def held_out_kind(kind: str) -> str:
+    """The loss a held-out evaluation computes for training loss `kind`: the same, less "+hidden"."""
+    return kind.replace("+hidden", "")
+
+
 @torch.no_grad()
 def evaluate_loss(student: nn.Module, teacher: nn.Module | None, batches: list[torch.Tensor], kind: str) -> float:
     """The mean loss over `batches`, eager (a compiled training run compiles no second, inference graph).
-    The hidden-state term is left out: held-out losses compare across runs with and without it."""
-    kind = kind.replace("+hidden", "")
+    The hidden-state term is left out (`held_out_kind`): held-out losses compare across runs with and
+    without it."""
+    kind = held_out_kind(kind)
     student.eval()
     device = next(student.parameters()).device
     total = 0.0
