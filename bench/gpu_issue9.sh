@@ -10,7 +10,8 @@
 #   bash bench/gpu_issue9.sh s   # (same machine, after b) sampling speed: transformers' default KV cache
 #                                # against a static one, 2048 sequences each (bench/sampling_speed.py)
 # Variables: GEN (generated sequences, 16384: 200 s of sampling), STEPS, LRS, SCALE_LRS, LOSS and HW (c, d:
-# --loss, --hidden-weight), RUNS (b), TESTS (a: pytest -k; - installs without testing),
+# --loss, --hidden-weight), TRAIN and EMBED_LRS (c: --train, e.g. quantized,all; --embed-lr for all), RUNS (b),
+# TESTS (a: pytest -k; - installs without testing),
 # COMPILE (1, the default:
 # torch.compile the step; 0: eager). --compile compiles one decoder layer, reused by all (29.5 s cold
 # on an H100, 0.10 s a W4A16 step of 32 x 512 against 0.31 s eager); compiling the whole model took
@@ -44,7 +45,8 @@ b)
   ;;
 c)
   python bench/qat.py "${COMMON[@]}" --runs w4a16 --steps "${STEPS:-1500}" --lr "${LRS:-3e-4}" \
-    --scale-lr "${SCALE_LRS:-1e-3}" --loss "${LOSS:-kd}" ${HW:+--hidden-weight "$HW"} --json "$OUT/qat_w4a16_h100.json"
+    --scale-lr "${SCALE_LRS:-1e-3}" --loss "${LOSS:-kd}" ${HW:+--hidden-weight "$HW"} --train "${TRAIN:-quantized}" \
+    ${EMBED_LRS:+--embed-lr "$EMBED_LRS"} --json "$OUT/qat_w4a16_h100.json"
   ;;
 d)
   # torch < 2.13 trains activation-quantized schemes eager even with --compile (train() says so)

@@ -69,7 +69,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--loss", default="kd", help="kd, kd+hidden, ... (lowbit qat --loss)")
     ap.add_argument("--hidden-weight", type=float, default=1.0)
-    ap.add_argument("--train", default="all", help="what trains, comma-separated (all, scales, lora): one QAT run each")
+    ap.add_argument("--train", default="quantized",
+                    help="what trains, comma-separated (quantized, all, scales, lora): one QAT run each")
+    ap.add_argument("--embed-lr", default="",
+                    help="--train all: learning rate(s) of the embeddings and head, comma-separated (default: --lr)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--lora-lr", type=float, default=1e-4)
@@ -125,21 +128,27 @@ def main() -> None:
         print(json.dumps(base_row), flush=True)
         rows.append(base_row)
         write(rows)
-        for lr, scale_lr, mode in [(float(x), float(y), m.strip()) for x in args.lr.split(",")
-                                   for y in args.scale_lr.split(",") for m in args.train.split(",")]:
-            cfg = QATConfig(steps=args.steps, lr=lr, scale_lr=scale_lr, batch_size=args.batch_size,
+        embed_lrs = [float(e) for e in args.embed_lr.split(",") if e.strip()] or [None]
+        for lr, scale_lr, mode, embed_lr in [(float(x), float(y), m.strip(), e) for x in args.lr.split(",")
+                                             for y in args.scale_lr.split(",") for m in args.train.split(",")
+                                             for e in (embed_lrs if m.strip() == "all" else [None])]:
+            cfg = QATConfig(steps=args.steps, lr=lr, scale_lr=scale_lr, batch_size=args.batch_size, embed_lr=embed_lr,
                             eval_every=max(1, args.steps // 5), warmup=args.warmup, compile=args.compile, train=mode,
                             loss=args.loss, hidden_weight=args.hidden_weight,
                             lora_rank=args.lora_rank, lora_lr=args.lora_lr,
                             gradient_checkpointing=args.gradient_checkpointing)
             _reset_peak(device)
             t0 = time.perf_counter()
-            res = qat(str(base_dir), output=work / f"{label}-qat-{lr:g}-{scale_lr:g}-{mode}", scheme=scheme, group_size=group,
+            res = qat(str(base_dir), output=work / f"{label}-qat-{lr:g}-{scale_lr:g}-{mode}{embed_lr or ''}", scheme=scheme,
+                      group_size=group,
                       data=data, seq_len=args.seq_len, config=cfg, start=ptq_dir, device=device,
                       progress=False, overwrite=True)
             qat_s = time.perf_counter() - t0
             q = res.provenance["qat"]
-            what = {"all": f"lr {lr:g}, scale lr {scale_lr:g}", "scales": f"scales only, lr {scale_lr:g}",
+            what = {"quantized": f"lr {lr:g}, scale lr {scale_lr:g}",
+                    "all": f"every parameter, lr {lr:g}, scale lr {scale_lr:g}, embeddings lr "
+                           f"{lr if embed_lr is None else embed_lr:g}",
+                    "scales": f"scales only, lr {scale_lr:g}",
                     "lora": f"scales (lr {scale_lr:g}), norms and LoRA rank {args.lora_rank}, lr {args.lora_lr:g}"}[mode]
             if args.loss != "kd":
                 what += f", loss {args.loss}" + (f" x{args.hidden_weight:g}" if "hidden" in args.loss else "")
@@ -153,6 +162,8 @@ def main() -> None:
                            "cuda") else "process resident (VmHWM, reset before the run)", **ev(res.output)}
             if mode == "lora":
                 qat_row.update(lora_rank=args.lora_rank, lora_lr=args.lora_lr)
+            if mode == "all":
+                qat_row.update(embed_lr=lr if embed_lr is None else embed_lr)
             for key, gap in (("ppl", lambda r: r["ppl"] / r["ppl_base"] - 1), ("kl", lambda r: r["kl_mean"])):
                 g0, g1 = gap(base_row), gap(qat_row)
                 qat_row[f"{key}_gap_recovered"] = 1 - g1 / g0 if g0 > 0 else None

@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--train", default="all", choices=["all", "lora"],
+    ap.add_argument("--train", default="quantized", choices=["quantized", "lora"],
                     help="what the timed QAT step trains, as train() does: every fake-quantized weight and "
                          "scale, or --train lora's scales, norms (float32 masters) and rank-16 adapters")
     ap.add_argument("--compile", action="store_true", help="also time the step compiled (QATConfig(compile=True))")

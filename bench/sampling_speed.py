@@ -108,7 +108,10 @@ def main() -> None:
             return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
 
         top = sorted(events, key=own_us, reverse=True)
-        busy = sum(own_us(e) for e in events) / 1e6
+        # on the GPU, only the device's own rows (kernels, copies): an operator's row carries its kernels' time
+        # too, and summing both counted the GPU time twice (the first profile's busy_s, since corrected)
+        busy = sum(own_us(e) for e in events
+                   if not cuda or getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / 1e6
         # busy against wall: a GPU busy for much less than the wall time waits on the host (launches,
         # Python), and a faster sampler would need fewer host steps, not faster kernels
         profile_row = {"config": f"{cache}:{batch}", "decode_steps": 16, "wall_s": wall,

@@ -266,6 +266,7 @@ def test_fake_quant_forward_is_the_exported_layers(scheme: str, group: int | Non
         with torch.no_grad():  # a training step's worth of change, so the test is not of the initial state only
             fq.weight.add_(torch.randn(48, 64, generator=g) * 0.01)
             fq.log_weight_scale.add_(0.03)
+            fq.bias.add_(torch.randn(48, generator=g) * 1e-3)  # float32 master: below bf16's step, exported rounded
         x = (torch.randn(5, 7, 64, generator=g) * 2).to(dtype)
         exported = fq.to_quant_linear()
         with torch.no_grad():
@@ -610,6 +611,62 @@ def test_ctrl_c_resumes_a_lora_run_to_the_uninterrupted_result(tmp_path: Path) -
     assert torch.equal(straight.model.norm.weight_master, resumed.model.norm.weight_master)
 
 
+def test_train_all_trains_every_parameter_keeps_the_tie_and_exports_what_it_trained(tmp_path: Path) -> None:
+    # float32: no masters needed, every parameter trains in place; the tied embedding and head stay one tensor
+    teacher = sharp_teacher(3)
+    student = copy.deepcopy(teacher)
+    prepare(student, get_scheme("w4a16", group_size=32), SAMPLES)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    cfg = QATConfig(steps=6, lr=1e-3, scale_lr=1e-3, batch_size=4, warmup=1, train="all")
+    train(student, teacher, batches_from_samples(SAMPLES, 4), cfg, progress=False)
+    moved = [n for n, p in student.named_parameters() if not torch.equal(p, before[n])]
+    assert sorted(moved) == sorted(before), sorted(set(before) - set(moved))  # every parameter, embeddings and norms
+    assert student.lm_head.weight is student.model.embed_tokens.weight
+    ids = torch.randint(3, 300, (2, 20))
+    with torch.no_grad():
+        trained = student(input_ids=ids).logits
+        convert(student)
+        assert torch.equal(student(input_ids=ids).logits, trained)
+    save_checkpoint(student, word_tokenizer(), tmp_path / "ck", scheme=get_scheme("w4a16", group_size=32),
+                    ignore=["lm_head"], provenance={})
+    back = load(tmp_path / "ck", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, trained)  # the trained embedding is what the checkpoint holds
+
+
+def test_train_all_in_bf16_uses_float32_masters_one_for_the_tied_embedding() -> None:
+    teacher = tiny_llama(seed=4)  # bf16
+    student = copy.deepcopy(teacher)
+    prepare(student, get_scheme("w4a16", group_size=32), SAMPLES)
+    emb0 = student.model.embed_tokens.weight.detach().clone()
+    cfg = QATConfig(steps=3, lr=1e-3, scale_lr=1e-3, batch_size=4, warmup=1, train="all", embed_lr=0.0)
+    train(student, teacher, batches_from_samples(SAMPLES, 4), cfg, progress=False)
+    master = student.model.embed_tokens.weight_master
+    assert master is student.lm_head.weight_master and master.dtype == torch.float32
+    assert torch.equal(master, emb0.float())  # --embed-lr 0: the embeddings stay, the rest trains
+    norm = student.model.layers[0].input_layernorm
+    assert norm.weight_master.dtype == torch.float32 and not torch.equal(norm.weight_master, norm.weight_master.new_ones(64))
+    assert len({type(layer.input_layernorm) for layer in student.model.layers}) == 1  # compiles once for all layers
+    ids = torch.randint(3, 300, (2, 20))
+    with torch.no_grad():
+        trained = student(input_ids=ids).logits
+        convert(student)
+        assert torch.equal(student(input_ids=ids).logits, trained)
+    assert student.lm_head.weight is student.model.embed_tokens.weight  # tied again, in bf16
+    assert student.lm_head.weight.dtype == torch.bfloat16
+    assert not any("master" in n for n, _ in student.named_parameters())
+    with pytest.raises(LowbitError, match="--embed-lr applies to --train all"):
+        QATConfig(train="quantized", embed_lr=1e-4)
+
+
+def test_ctrl_c_resumes_a_train_all_run_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    cfg = QATConfig(steps=4, lr=1e-3, scale_lr=1e-3, warmup=1, train="all")
+    straight, resumed, _ = straight_and_resumed(sharp_teacher(8).to(torch.bfloat16), cfg, 1, tmp_path / "state.pt")
+    a, b = dict(straight.named_parameters()), dict(resumed.named_parameters())
+    assert "model.embed_tokens.weight_master" in a and a.keys() == b.keys()
+    assert all(torch.equal(p, b[n]) for n, p in a.items())
+
+
 def test_a_state_with_parameters_the_model_lacks_is_refused(tmp_path: Path) -> None:
     # a state saved by another version (norm masters named otherwise, say) would resume with those
     # parameters silently left at their start: refused instead, the state kept
@@ -661,6 +718,28 @@ def test_cli_lora_run_writes_a_merged_checkpoint(tmp_path: Path, tiny_model_dir:
     with pytest.raises(SystemExit) as bad:  # argparse: one usage line, exit code 2
         main(["qat", str(tiny_model_dir), "--train", "lora", "--lora-rank", "0", "--output", str(tmp_path / "bad")])
     assert bad.value.code == 2 and not (tmp_path / "bad").exists()
+
+
+def test_cli_train_all_trains_the_embeddings(tmp_path: Path, tiny_model_dir: Path, calib_file: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from lowbit.checkpoint.io import load_tensors
+    from lowbit.cli import main
+
+    out = tmp_path / "qat-all"
+    args = ["qat", str(tiny_model_dir), "--scheme", "w4a16", "--group-size", "32", "--data", str(calib_file),
+            "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--lr", "1e-3", "--quiet"]
+    assert main([*args, "--train", "all", "--embed-lr", "1e-2", "--output", str(out)]) == 0
+    prov = json.loads((out / "lowbit_provenance.json").read_text())
+    assert prov["qat"]["train"] == "all" and prov["qat"]["embed_lr"] == 1e-2 and prov["integrity"]["passed"]
+    emb = "model.embed_tokens.weight"
+    tensors, src = load_tensors(out), load_tensors(tiny_model_dir)
+    assert tensors[emb].dtype == src[emb].dtype and not torch.equal(tensors[emb], src[emb])
+    assert not any("master" in k for k in tensors)
+    capsys.readouterr()
+    assert main([*args, "--embed-lr", "1e-2", "--output", str(tmp_path / "bad")]) == 2  # --train quantized
+    assert "--embed-lr applies to --train all" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -156,9 +156,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="kd: KL to the original model's logits (default); ce: next-token cross-entropy; both; "
                         "+hidden: also match every decoder layer's output (relative squared error)")
     t.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the +hidden term (default 1)")
-    t.add_argument("--train", choices=TRAINABLE, default="all",
-                   help="all: weights and scales; scales: only the quantization scales; lora: the scales, the norms "
-                        "and LoRA adapters, merged before export (models that do not fit full fine-tuning)")
+    t.add_argument("--train", choices=TRAINABLE, default="quantized",
+                   help="quantized: the quantized layers' weights and scales (default); all: those and every other "
+                        "parameter (embeddings, head, norms, biases); scales: only the quantization scales; lora: the "
+                        "scales, the norms and LoRA adapters, merged before export (models that do not fit full "
+                        "fine-tuning)")
+    t.add_argument("--embed-lr", type=float, default=None,
+                   help="--train all: learning rate of the embeddings and head (default: --lr)")
     t.add_argument("--lora-rank", type=_positive, default=16, help="rank of the LoRA adapters (--train lora)")
     t.add_argument("--lora-lr", type=float, default=1e-4, help="learning rate of the adapters and norms (--train lora)")
     t.add_argument("--eval-every", type=_positive, default=50, help="held-out loss every K steps")
@@ -619,7 +623,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
                     warmup=args.warmup, loss=args.loss, hidden_weight=args.hidden_weight, train=args.train, eval_every=args.eval_every, seed=args.seed,
                     gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
                     learn_format=args.learn_format, format_lr=args.format_lr, lora_rank=args.lora_rank,
-                    lora_lr=args.lora_lr)
+                    lora_lr=args.lora_lr, embed_lr=args.embed_lr)
     res = qat(args.model, output=args.output, scheme=args.scheme, group_size=args.group_size, data=args.data,
               seq_len=args.seq_len, config=cfg, start=args.start, device=_device(args.device), overwrite=args.overwrite,
               progress=not args.quiet)

@@ -40,7 +40,7 @@ from lowbit.targets import set_submodule
 log = logging.getLogger("lowbit")
 
 LOSSES = ("kd", "ce", "kd+ce", "kd+hidden", "kd+ce+hidden")
-TRAINABLE = ("all", "scales", "lora")
+TRAINABLE = ("all", "quantized", "scales", "lora")
 
 
 @dataclass
@@ -53,8 +53,10 @@ class QATConfig:
     loss: str = "kd"  # kd: KL(original || quantized) of the next-token distributions; ce; kd+ce; "+hidden" adds
     # hidden_weight x the decoder layers' relative hidden-state error against the original (hidden_loss)
     hidden_weight: float = 1.0
-    train: str = "all"  # all: weights and scales; scales: the learned scales only; lora: scales, norms and
-    # LoRA adapters (merged before export): no gradient or optimizer state for the weights (models that do not fit)
+    train: str = "quantized"  # quantized: the quantized layers' weights and scales; all: those and every other
+    # parameter (embeddings and head at embed_lr, norms and biases at lr); scales: the learned scales only; lora:
+    # scales, norms and LoRA adapters (merged before export): no gradient or optimizer state for the weights
+    embed_lr: float | None = None  # --train all: the embeddings' and head's learning rate (None: lr)
     lora_rank: int = 16
     lora_lr: float = 1e-4  # LoRA adapters and norms
     eval_every: int = 50
@@ -81,6 +83,10 @@ class QATConfig:
         if not (self.lr > 0 and self.scale_lr >= 0 and self.lora_lr > 0 and math.isfinite(self.lr)):
             raise LowbitError(f"learning rates must be positive and finite, got {self.lr}, {self.scale_lr} (scales) "
                               f"and {self.lora_lr} (LoRA)")
+        if self.embed_lr is not None and not (self.embed_lr >= 0 and math.isfinite(self.embed_lr)):
+            raise LowbitError(f"--embed-lr must be a finite number >= 0, got {self.embed_lr}")
+        if self.embed_lr is not None and self.train != "all":
+            raise LowbitError(f"--embed-lr applies to --train all, not --train {self.train}")
 
 
 def fake_layers(model: nn.Module) -> dict[str, FakeQuantLinear]:
@@ -190,75 +196,129 @@ def add_lora(model: nn.Module, rank: int, seed: int = 0) -> list[nn.Parameter]:
 
 
 class _Float32Master:
-    """Mixed into a norm's class by `_with_float32_master`: `weight` reads the float32 master
-    `weight_master` in the norm's own dtype (`master_dtype`)."""
+    """Mixed into a module's class by `_with_float32_masters`: each of the class's `master_names`
+    reads the float32 master `<name>_master` in the module's own dtype (`master_dtype`)."""
 
-    weight_master: nn.Parameter
+    master_names: tuple[str, ...]
     master_dtype: torch.dtype
-    plain: type  # the norm's own class, which `_drop_float32_master` puts back
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.weight_master.to(self.master_dtype)
+    plain: type  # the module's own class, which `_drop_float32_masters` puts back
 
 
-_MASTER_CLASSES: dict[type, type] = {}
+def _reads_master(name: str) -> property:
+    def get(self: Any) -> torch.Tensor:
+        return getattr(self, name + "_master").to(self.master_dtype)
+    return property(get)
 
 
-def _with_float32_master(mod: Any) -> nn.Parameter:
-    """Give `mod` (a norm whose `weight` is in a lower dtype) a float32 master parameter,
-    `weight_master`, which `mod.weight` reads back in the old dtype: bf16 norms would lose updates
-    smaller than their rounding step (0.4%). Done by swapping in a subclass with `_Float32Master`
-    mixed in, one subclass per norm class shared by every such norm, so that the decoder layers keep
-    one type each and regional compilation traces one of them for all. (torch's parametrize made a
-    class per module: every layer recompiled until dynamo's limit of 8, the rest ran eager, and
-    --train lora stepped at 0.30 s on an H100 against 0.13 s for full training.) `convert` undoes it."""
+_MASTER_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def _with_float32_masters(mod: Any, names: tuple[str, ...], shared: dict[int, nn.Parameter]) -> list[nn.Parameter]:
+    """Give `mod` float32 master parameters `<name>_master` for its parameters `names` (all in one
+    lower dtype), which `mod.<name>` reads back in that dtype: bf16 would lose updates smaller than
+    its rounding step (0.4%). Done by swapping in a subclass with `_Float32Master` mixed in, one
+    subclass per class and names, shared by every such module, so that the decoder layers keep one
+    type each and regional compilation traces one of them for all. (torch's parametrize made a class
+    per module: every layer recompiled until dynamo's limit of 8, the rest ran eager, and --train lora
+    stepped at 0.30 s on an H100 against 0.13 s for full training.) `shared` maps a parameter already
+    given a master (by id) to that master: tied weights (a tied embedding and head) keep one master.
+    `convert` undoes it. Returns the masters."""
     base = type(mod)
-    cls = _MASTER_CLASSES.get(base)
+    cls = _MASTER_CLASSES.get((base, names))
     if cls is None:
-        cls = _MASTER_CLASSES[base] = type(f"Float32Master{base.__name__}", (_Float32Master, base), {"plain": base})
-    w = mod._parameters.pop("weight")
-    assert w is not None
-    mod.master_dtype = w.dtype
-    mod.weight_master = nn.Parameter(w.detach().float())
+        props = {n: _reads_master(n) for n in names}
+        cls = _MASTER_CLASSES[(base, names)] = type(f"Float32Master{base.__name__}", (_Float32Master, base),
+                                                    {"plain": base, "master_names": names, **props})
+    out = []
+    for n in names:
+        p = mod._parameters.pop(n)
+        assert p is not None
+        mod.master_dtype = p.dtype
+        master = shared.get(id(p))
+        if master is None:
+            master = shared[id(p)] = nn.Parameter(p.detach().float())
+        setattr(mod, n + "_master", master)
+        out.append(master)
     mod.__class__ = cls
-    return mod.weight_master
+    return out
 
 
-def _drop_float32_master(mod: Any) -> None:
-    value = mod.weight.detach().clone()  # the master, read in the model's dtype
-    del mod.weight_master, mod.master_dtype
+def _drop_float32_masters(mod: Any, made: dict[int, nn.Parameter]) -> None:
+    """Back to plain parameters in the model's dtype; `made` keeps tied masters one parameter."""
+    values = {}
+    for n in mod.master_names:
+        master = getattr(mod, n + "_master")
+        if id(master) not in made:
+            made[id(master)] = nn.Parameter(master.detach().to(mod.master_dtype).clone(), requires_grad=False)
+        values[n] = made[id(master)]
+        delattr(mod, n + "_master")
+    del mod.master_dtype
     mod.__class__ = mod.plain
-    mod.weight = nn.Parameter(value, requires_grad=False)
+    for n, p in values.items():
+        setattr(mod, n, p)
+
+
+def _is_norm(mod: nn.Module) -> bool:
+    return type(mod).__name__.endswith(("RMSNorm", "LayerNorm")) or (
+        isinstance(mod, _Float32Master) and mod.plain.__name__.endswith(("RMSNorm", "LayerNorm")))
+
+
+def _float32_trainable(mods: Iterable[nn.Module], keep: Callable[[str, nn.Parameter], bool]) -> list[nn.Parameter]:
+    """The direct parameters of `mods` that `keep` accepts, trainable in float32: float32 ones as they are, lower
+    floating dtypes on float32 masters (one per tied parameter). Each parameter once, in order."""
+    shared: dict[int, nn.Parameter] = {}
+    out: dict[int, nn.Parameter] = {}
+    for mod in mods:
+        if isinstance(mod, _Float32Master):
+            for n in mod.master_names:
+                p = getattr(mod, n + "_master")
+                out[id(p)] = p
+        low = []
+        for n, p in mod.named_parameters(recurse=False):
+            if not (p.is_floating_point() and keep(n, p)):
+                continue
+            if p.dtype == torch.float32:
+                out[id(p)] = p
+            else:
+                low.append(n)
+        if low and not isinstance(mod, _Float32Master):
+            for p in _with_float32_masters(mod, tuple(low), shared):
+                out[id(p)] = p
+    for p in out.values():
+        p.requires_grad_(True)
+    return list(out.values())
 
 
 def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The weights of the model's normalization layers (RMSNorm, LayerNorm), made trainable in float32:
-    a norm in a lower dtype gets a float32 master parameter (`_with_float32_master`), removed by `convert`."""
-    out = []
-    for mod in model.modules():
-        if isinstance(mod, _Float32Master):
-            p = mod.weight_master
-        elif type(mod).__name__.endswith(("RMSNorm", "LayerNorm")):
-            w = getattr(mod, "weight", None)
-            if not (isinstance(w, nn.Parameter) and w.dim() == 1):
-                continue
-            p = w if w.dtype == torch.float32 else _with_float32_master(mod)
-        else:
-            continue
-        assert isinstance(p, nn.Parameter)
-        p.requires_grad_(True)
-        out.append(p)
-    return out
+    a norm in a lower dtype gets a float32 master parameter (`_with_float32_masters`), removed by `convert`."""
+    return _float32_trainable((m for m in model.modules() if _is_norm(m)), lambda n, p: n == "weight" and p.dim() == 1)
+
+
+def other_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """--train all: every parameter besides the fake-quantized layers' weights and scales, made trainable in float32
+    (`_float32_trainable`): (the input and output embeddings, the rest: norms, biases, layers left unquantized).
+    The embeddings are apart for their own learning rate."""
+    getters = [getattr(model, g, None) for g in ("get_input_embeddings", "get_output_embeddings")]
+    emb_mods = [m for m in (g() for g in getters if callable(g)) if isinstance(m, nn.Module)]
+    emb_mods += [m for m in model.modules() if isinstance(m, nn.Embedding) and m not in emb_mods]
+    embeddings = _float32_trainable(emb_mods, lambda n, p: True)
+    fake = {id(p) for m in fake_layers(model).values() for p in (m.weight, *m.scales(), *m.format_params(),
+                                                                  *m.lora_params())}
+    seen = {id(p) for p in embeddings} | fake
+    rest = _float32_trainable([m for m in model.modules() if m not in emb_mods],
+                              lambda n, p: id(p) not in seen)
+    return embeddings, rest
 
 
 @torch.no_grad()
 def convert(model: nn.Module) -> nn.Module:
     """Every FakeQuantLinear back to the QuantLinear it exports as (in place), LoRA adapters merged
     and trained norms back in the model's dtype; returns the model."""
+    made: dict[int, nn.Parameter] = {}
     for mod in model.modules():
         if isinstance(mod, _Float32Master):
-            _drop_float32_master(mod)
+            _drop_float32_masters(mod, made)
     for name, fq in fake_layers(model).items():
         set_submodule(model, name, fq.to_quant_linear())
     for p in model.parameters():
@@ -372,10 +432,11 @@ def train(
         raise LowbitError("the training data is too short for one batch")
     if cfg.loss != "ce" and teacher is None:
         raise LowbitError("distillation needs the original model as the teacher")
-    weights = [m.weight for m in layers.values()] if cfg.train == "all" else []
+    full = cfg.train in ("all", "quantized")
+    weights = [m.weight for m in layers.values()] if full else []
     scales = list({id(s): s for m in layers.values() for s in m.scales()}.values())  # tied scales once
     for w in [m.weight for m in layers.values()]:
-        w.requires_grad_(cfg.train == "all")
+        w.requires_grad_(full)
     groups = [{"params": scales, "lr": cfg.scale_lr, "weight_decay": 0.0}]
     formats = list({id(p): p for m in layers.values() for p in m.format_params()}.values())
     if formats:
@@ -384,6 +445,13 @@ def train(
         adapters = [p for m in layers.values() for p in m.lora_params()] or add_lora(student, cfg.lora_rank, cfg.seed)
         weights = adapters + norm_parameters(student)
         groups.append({"params": weights, "lr": cfg.lora_lr, "weight_decay": 0.0})
+    elif cfg.train == "all":  # every other parameter too, on float32 masters (removed by convert)
+        embeddings, rest = other_parameters(student)
+        if embeddings:
+            embed_lr = cfg.lr if cfg.embed_lr is None else cfg.embed_lr
+            groups.append({"params": embeddings, "lr": embed_lr, "weight_decay": 0.0})
+        groups.append({"params": weights + rest, "lr": cfg.lr, "weight_decay": 0.0})  # last: the lr logged
+        weights = weights + rest + embeddings  # clipped together
     elif weights:
         groups.append({"params": weights, "lr": cfg.lr, "weight_decay": 0.0})
     device = next(iter(layers.values())).weight.device

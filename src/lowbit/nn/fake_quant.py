@@ -65,7 +65,9 @@ class FakeQuantLinear(nn.Module):
         shape = weight_scale_shape(weights, self.out_features, self.in_features)
         self.weight = nn.Parameter(weight.detach().float().clone())
         self.log_weight_scale = nn.Parameter(weight_scale.detach().float().reshape(shape).clamp_min(1e-12).log())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # a float32 master (as the weight's), so that --train all can train it; exported in its own dtype
+        self.bias_dtype = None if bias is None else bias.dtype
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         static = input_activations is not None and not input_activations.dynamic
         if static:
             assert input_scale is not None, "a static scheme needs an initial input scale (from calibration)"
@@ -189,7 +191,7 @@ class FakeQuantLinear(nn.Module):
             assert in_scale is not None
             q.input_scale.copy_(in_scale.clamp_min(1e-12).to(self.scale_dtype).reshape(1, 1))
         if self.bias is not None:
-            q.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+            q.bias = nn.Parameter(self.bias.detach().to(self.bias_dtype).clone(), requires_grad=False)
         return q
 
     def extra_repr(self) -> str:
