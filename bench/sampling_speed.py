@@ -2,17 +2,21 @@
 
     PYTHONPATH=src python bench/sampling_speed.py [--device cuda] [--configs dynamic:512,dynamic:2048,static:2048]
 
-Each config is CACHE:BATCH: transformers' default KV cache ("dynamic", grown by concatenation each
-step) or a preallocated one ("static"), and the number of sequences sampled together. Each samples
-one batch of --length tokens from the BOS token of the default model (bf16), timed alone after a
-warm-up batch of the same config (which pays any compilation; its time is reported).
+Each config is CACHE:BATCH: transformers' generate() with its default KV cache ("dynamic", grown by
+concatenation each step) or a preallocated one ("static"), or lowbit's own decode loop
+(lowbit.sampling.DecodeLoop, Gumbel-max draws, no host synchronisation: "loop" on transformers'
+default cache, eager; "loopstatic" on a static cache, its step compiled with CUDA graphs on CUDA),
+and the number of sequences sampled together. Each samples one batch of --length tokens
+from the BOS token of the default model (bf16), timed alone after a warm-up batch of the same config
+(which pays any compilation and the memory pool's growth; its time is reported; a loop warms up on
+the same DecodeLoop).
 Check of the samples: under the model, sequences sampled from it have a mean NLL equal to the mean
 entropy of its next-token distributions, up to sampling noise; the gap and its standard error are
 reported for (up to) 64 sequences. In bf16 the sampling forward (with a KV cache) and the checking one
 (without) round differently, by up to 0.7 in a log-probability on the CPU, so expect a gap of a few
 standard errors either way. Sampling with the BOS hidden by an inferred mask, which
 `sample_sequences` avoids, showed a gap of 0.17 nats (float32).
-With --profile, the operators of 16 decode steps of the first config are printed, and the JSON
+With --profile, the operators of 16 decode steps of the first config ("loop": eager) are printed, and the JSON
 keeps the wall time of those steps, the time the GPU was busy and the top operators. Writes
 bench/results/sampling_speed_<device>.json.
 """
@@ -48,40 +52,51 @@ def main() -> None:
     ap.add_argument("--configs", default="dynamic:512,dynamic:2048,static:2048")
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--warmup-length", type=int, default=None,
-                    help="tokens of the warm-up batch (default: 16 for the dynamic cache; --length for a static "
-                         "one, whose automatic compile depends on the cache's length)")
+                    help="tokens of the warm-up batch (default: --length). A shorter one leaves generate()'s timed "
+                         "batch to grow the CUDA allocator's pool for its KV cache: on an H100 generate()'s first "
+                         "full-length batch took twice as long as its later ones")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
 
     from lowbit.eval.perf import peak_gpu_bytes
     from lowbit.models import load_model
-    from lowbit.qat_run import sample_sequences
+    from lowbit.sampling import DecodeLoop, sample_sequences
 
     model, tok, _ = load_model("smollm2-135m", device=args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     rows = []
     for cfg in args.configs.split(","):
         cache, batch = cfg.split(":")
-        impl = None if cache == "dynamic" else cache
+        impl = cache if cache == "static" else None
+        loop = None
+        if cache in ("loop", "loopstatic"):  # loopstatic: a static cache, compiled with CUDA graphs on CUDA
+            loop = DecodeLoop(model, int(batch), args.length, args.device.startswith("cuda"),
+                              cache="static" if cache == "loopstatic" else "dynamic")
+        def run(length: int, loop=loop, batch=int(batch), impl=impl) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+            if loop is not None:
+                return list(loop.sample(bos))
+            return sample_sequences(model, tok, batch, length, per_call=batch, cache_implementation=impl,
+                                    progress=False)
+
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        warm_len = args.warmup_length or (16 if impl is None else args.length)
-        sample_sequences(model, tok, int(batch), warm_len, per_call=int(batch), cache_implementation=impl,
-                         progress=False)
+        run(args.warmup_length or args.length)
         sync()
         warm = time.perf_counter() - t0
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        seqs = sample_sequences(model, tok, int(batch), args.length, per_call=int(batch), cache_implementation=impl,
-                                progress=False)
+        seqs = run(args.length)
         sync()
         sec = time.perf_counter() - t0
+        row_extra = {} if loop is None else {"compiled": loop.compiled is not None}
+        del loop, run  # the loop's KV cache, before the next config allocates its own
         row = {"cache": cache, "batch": int(batch), "length": args.length, "seconds": sec,
                "ms_per_sequence": 1000 * sec / int(batch), "tokens_per_s": int(batch) * args.length / sec,
                "warmup_seconds": warm,
                "peak_gib": (peak_gpu_bytes() or 0) / 2**30 if args.device.startswith("cuda") else None,
-               }
+               **row_extra}
         row["nll_minus_entropy_nats"], row["nll_minus_entropy_se"] = nll_minus_entropy(
             model, torch.stack(seqs[:64]).to(args.device))
         print(json.dumps(row), flush=True)
@@ -93,8 +108,9 @@ def main() -> None:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
         with profile(activities=acts) as prof:
             t0 = time.perf_counter()
-            sample_sequences(model, tok, int(batch), 17, per_call=int(batch),
-                             cache_implementation=None if cache == "dynamic" else cache, progress=False)
+            sample_sequences(model, tok, int(batch), 17, per_call=int(batch), progress=False,
+                             cache_implementation="static" if cache == "static" else None, compile=False,
+                             method={"loop": "loop", "loopstatic": "loop-static"}.get(cache, "generate"))  # eager
             sync()
             wall = time.perf_counter() - t0
         cuda = args.device.startswith("cuda")

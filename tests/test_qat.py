@@ -391,7 +391,7 @@ def test_generated_training_data_is_sampled_from_the_model_and_cached(monkeypatc
     first = qr.generated_samples(m, tok, 3, 8, seed=0, source="tiny-6")
     assert len(first) == 3 and all(s.shape == (8,) for s in first)
     # A later run samples with another batch (on a GPU it follows the free memory), and still finds the cache.
-    monkeypatch.setattr(qr, "_sampling_batch", lambda *a: 2)
+    monkeypatch.setattr(qr, "sampling_batch", lambda *a: 2)
     again = qr.generated_samples(torch.nn.Identity(), tok, 3, 8, seed=0, source="tiny-6")  # from the cache, no model
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
@@ -413,16 +413,16 @@ def test_generated_text_is_sampled_with_the_bos_token_attended() -> None:
 
 
 def test_gpu_sampling_batch_fits_the_kv_cache_in_a_share_of_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lowbit.qat_run import _generation_batch
+    from lowbit.sampling import generation_batch
 
     m = tiny_llama()  # 2 layers, 2 KV heads of 16, bf16: 2 * 2 * 2 * 16 * 100 * 2 bytes of cache at 100 tokens
     per_seq = 2 * 2 * 2 * 16 * 100 * 2 + 2 * 4 * 320
     free = 1000 * per_seq
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
-    assert _generation_batch(m, 100, 10_000) == 400  # 40% of what is free
-    assert _generation_batch(m, 100, 7) == 7  # never more than asked for
+    assert generation_batch(m, 100, 10_000) == 400  # 40% of what is free
+    assert generation_batch(m, 100, 7) == 7  # never more than asked for
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 2 * free))
-    assert _generation_batch(m, 100, 7) == 1  # at least one, even when nothing looks free
+    assert generation_batch(m, 100, 7) == 1  # at least one, even when nothing looks free
 
 
 def test_training_data_mixes_a_text_file_with_generated_text(calib_file: Path) -> None:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from lowbit.algorithms.qat import (
     QATConfig,
@@ -36,6 +35,7 @@ from lowbit.checkpoint.integrity import gate_findings
 from lowbit.checkpoint.io import check_output, dir_bytes
 from lowbit.errors import LowbitError
 from lowbit.models import load_model
+from lowbit.sampling import sample_sequences, sampling_batch
 from lowbit.scheme import get_scheme
 
 log = logging.getLogger("lowbit")
@@ -53,69 +53,18 @@ def generated_samples(model: Any, tokenizer: Any, n: int, length: int, seed: int
     one's samples even when another model shares the GPU (a key with the batch missed on an H100, and
     regenerating 4096 sequences cost 79 s a run). The batch decides how the random stream is spent, so
     samples made with another batch are other, equally valid, samples of the same model."""
-    key = hashlib.sha256(f"{source}|{n}|{length}|{seed}|v3".encode()).hexdigest()[:16]  # v2: BOS seen; v3: no batch
+    key = hashlib.sha256(f"{source}|{n}|{length}|{seed}|v4".encode()).hexdigest()[:16]  # v2: BOS seen; v3: no batch;
+    # v4: lowbit's decode loop (lowbit.sampling) instead of generate()
     path = _cache_dir() / "qat-generated" / f"{key}.pt"
     if path.exists():
         return list(torch.load(path))
     torch.manual_seed(seed)
-    out = sample_sequences(model, tokenizer, n, length, per_call=_sampling_batch(model, length, n))
+    out = sample_sequences(model, tokenizer, n, length, per_call=sampling_batch(model, length, n), method="loop")
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f"{path.stem}.{os.getpid()}.part")  # a run reading the cache never sees half a file
     torch.save(torch.stack(out), part)
     os.replace(part, path)
     return out
-
-
-@torch.no_grad()
-def sample_sequences(model: Any, tokenizer: Any, n: int, length: int, per_call: int | None = None,
-                     cache_implementation: str | None = None, progress: bool = True) -> list[torch.Tensor]:
-    """n sequences of `length` tokens sampled at temperature 1 from the BOS token (no cache file; the
-    caller seeds). per_call: sequences sampled together (default: as many as fit a share of a GPU's
-    free memory, 8 on the CPU). cache_implementation: passed to generate() ("static": a preallocated
-    KV cache; None: transformers' default)."""
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if bos is None:
-        raise LowbitError("generate:N needs a tokenizer with a BOS or EOS token to start from")
-    device = next(model.parameters()).device
-    per_call = per_call or _sampling_batch(model, length, n)
-    extra = {} if cache_implementation is None else {"cache_implementation": cache_implementation}
-    out: list[torch.Tensor] = []
-    for start in tqdm(range(0, n, per_call), desc="generating training text", unit="batch", leave=False,
-                      disable=not progress):
-        k = min(per_call, n - start)
-        ids = torch.full((k, 1), bos, dtype=torch.long, device=device)
-        # The mask is explicit: left to infer one, generate() masks out every input token equal to
-        # pad_token_id, and with the BOS as the pad the model sampled without seeing its BOS (measured on
-        # smollm2-135m: the samples' NLL under the model exceeded its entropy by 0.17 nats; with it, +0.02 ± 0.015
-        # on an H100 in bf16, bench/results/sampling_speed_cuda.json).
-        seq = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
-                             temperature=1.0, max_new_tokens=length - 1, min_new_tokens=length - 1,
-                             pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos,
-                             **extra)
-        out += [s.cpu() for s in seq]
-    return out
-
-
-def _sampling_batch(model: Any, length: int, n: int) -> int:
-    """How many sequences to sample together: 8 off a GPU (or for a model without parameters, which
-    only a cache hit can serve), `_generation_batch` on one."""
-    first = next(model.parameters(), None)
-    return _generation_batch(model, length, n) if first is not None and first.device.type == "cuda" else 8
-
-
-def _generation_batch(model: Any, length: int, n: int, share: float = 0.4) -> int:
-    """How many sequences to sample together on a GPU: as many as fit `share` of its free memory with
-    their KV cache at full length and one step's float32 logits, at most 4096. A wider batch pays on
-    an H100 for smollm2-135m: 55 ms a sequence at 512 at a time, 15.8 ms at 2048
-    (bench/results/sampling_speed_cuda.json), 12 ms for 16384 sequences inside bench/qat.py."""
-    first = next(model.parameters())
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = getattr(cfg, "num_attention_heads", 1)
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    per_seq = 2 * cfg.num_hidden_layers * kv_heads * head_dim * length * first.element_size() + 2 * 4 * cfg.vocab_size
-    free, _ = torch.cuda.mem_get_info(first.device)
-    return max(1, min(n, 4096, int(share * free // per_seq)))
 
 
 def qat(

@@ -1,0 +1,102 @@
+"""lowbit.sampling: the Gumbel-max draw, and the decode loop's samples, cache and log-probabilities
+against a full forward of the same model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.sampling import DecodeLoop, gumbel_argmax, sample_sequences
+from tests.conftest import tiny_llama, word_tokenizer
+
+
+def test_gumbel_argmax_draws_the_softmax_distribution() -> None:
+    # 5 categories (one with probability 0.0005), 400k draws: every frequency within 5 standard errors
+    # of its probability (a false alarm about 1 in 3e6 a category); a wrong temperature (x 1.1) would
+    # miss by more than 40 of them on the largest
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.0495, 0.0005]))
+    torch.manual_seed(0)
+    n = 400_000
+    draws = gumbel_argmax(logits.expand(n, 5))
+    assert draws.shape == (n, 1)
+    freq = torch.bincount(draws[:, 0], minlength=5).double() / n
+    p = logits.exp().double()
+    se = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() < 5 * se).all(), (freq, p)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_loop_logprobs_are_the_full_forwards(dtype: torch.dtype, cache: str) -> None:
+    # the cache (either kind), positions and mask give each step the logits a forward over the whole sequence
+    # gives (float32: 1e-5; bf16: cached keys and a one-token step round differently, 0.05 nats), also
+    # for a second batch on the reset cache
+    m = tiny_llama(seed=3).to(dtype)
+    loop = DecodeLoop(m, batch=3, length=12, cache=cache)
+    torch.manual_seed(0)
+    for _ in range(2):
+        seqs = loop.sample(bos=1)
+        assert seqs.shape == (3, 12) and (seqs[:, 0] == 1).all()
+        with torch.no_grad():
+            full = torch.log_softmax(m(input_ids=seqs, use_cache=False).logits[:, :-1].float(), -1)
+        want = full.gather(-1, seqs[:, 1:, None])[..., 0]
+        assert loop.last_logprobs is not None
+        tol = 1e-5 if dtype == torch.float32 else 0.05
+        torch.testing.assert_close(loop.last_logprobs, want, atol=tol, rtol=0)
+
+
+def test_loop_samples_follow_the_model() -> None:
+    # temperature 1: the mean NLL of sampled tokens equals the mean entropy of the distributions they
+    # were drawn from (both over the same positions); 4 standard errors. Greedy or a wrong
+    # temperature fails it by far (greedy: NLL well below the entropy)
+    m, tok = tiny_llama(seed=5).float(), word_tokenizer()
+    with torch.no_grad():
+        m.model.norm.weight.mul_(6)  # entropy well below log(320), so that a biased sampler shows
+    torch.manual_seed(1)
+    seqs = torch.stack(sample_sequences(m, tok, 96, 24, per_call=40, method="loop", progress=False))
+    assert seqs.shape == (96, 24)  # 40 + 40 + 16, the last batch sampled at full width and cut
+    with torch.no_grad():
+        lp = torch.log_softmax(m(input_ids=seqs, use_cache=False).logits[:, :-1].float(), -1)
+    gap = (-lp.gather(-1, seqs[:, 1:, None])[..., 0] + (lp.exp() * lp).sum(-1)).flatten()
+    entropy = -(lp.exp() * lp).sum(-1).mean()
+    assert entropy < 4.0, entropy  # log(320) = 5.77: the distributions are not flat
+    assert abs(float(gap.mean())) < 4 * float(gap.std()) / gap.numel() ** 0.5, float(gap.mean())
+
+
+def test_unknown_sampling_method_is_refused() -> None:
+    with pytest.raises(LowbitError, match="unknown sampling method"):
+        sample_sequences(tiny_llama(), word_tokenizer(), 2, 4, method="beam")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_loop_on_cuda_matches_the_full_forward() -> None:
+    # CUDA graphs replay the step: the log-probabilities still match a full forward (bf16: 0.05 nats)
+    m = tiny_llama(seed=3).cuda()
+    loop = DecodeLoop(m, batch=4, length=10, compile=True, cache="static")
+    torch.manual_seed(0)
+    for _ in range(2):
+        seqs = loop.sample(bos=1)
+        with torch.no_grad():
+            full = torch.log_softmax(m(input_ids=seqs, use_cache=False).logits[:, :-1].float(), -1)
+        assert loop.last_logprobs is not None
+        torch.testing.assert_close(loop.last_logprobs, full.gather(-1, seqs[:, 1:, None])[..., 0], atol=0.05, rtol=0)
+
+
+def test_a_decode_step_that_fails_to_compile_falls_back_to_eager(caplog: pytest.LogCaptureFixture) -> None:
+    # a compiler that cannot take a model must cost speed, not the run: the batch starts again eager
+    m = tiny_llama(seed=3).float()
+    loop = DecodeLoop(m, batch=2, length=8, cache="static")
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("inductor says no\nmore detail")
+
+    loop.compiled = broken  # type: ignore[assignment]
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="lowbit"):
+        seqs = loop.sample(bos=1)
+    assert loop.compiled is None and "compiled decode step failed (RuntimeError: inductor says no)" in caplog.text
+    with torch.no_grad():
+        full = torch.log_softmax(m(input_ids=seqs, use_cache=False).logits[:, :-1].float(), -1)
+    assert loop.last_logprobs is not None
+    torch.testing.assert_close(loop.last_logprobs, full.gather(-1, seqs[:, 1:, None])[..., 0], atol=1e-5, rtol=0)
