@@ -3,10 +3,10 @@
     PYTHONPATH=src python bench/sampling_speed.py [--device cuda] [--configs dynamic:512,dynamic:2048,static:2048]
 
 Each config is CACHE:BATCH: transformers' generate() with its default KV cache ("dynamic", grown by
-concatenation each step) or a preallocated one ("static"), or lowbit's own decode loop
-(lowbit.sampling.DecodeLoop, Gumbel-max draws, no host synchronisation: "loop" on transformers'
-default cache, eager; "loopstatic" on a static cache, its step compiled with CUDA graphs on CUDA),
-and the number of sequences sampled together. Each samples one batch of --length tokens
+concatenation each step) or a preallocated one ("static"), or lowbit's own decode loop ("loop",
+lowbit.sampling.DecodeLoop: Gumbel-max draws, no step waits on the GPU), and the number of sequences
+sampled together. (A "loopstatic" config, the loop on a static cache compiled into CUDA graphs, was
+measured in bench/results/sampling_speed_cuda_loop.json and removed: slower.) Each samples one batch of --length tokens
 from the BOS token of the default model (bf16), timed alone after a warm-up batch of the same config
 (which pays any compilation and the memory pool's growth; its time is reported; a loop warms up on
 the same DecodeLoop).
@@ -16,7 +16,7 @@ reported for (up to) 64 sequences. In bf16 the sampling forward (with a KV cache
 (without) round differently, by up to 0.7 in a log-probability on the CPU, so expect a gap of a few
 standard errors either way. Sampling with the BOS hidden by an inferred mask, which
 `sample_sequences` avoids, showed a gap of 0.17 nats (float32).
-With --profile, the operators of 16 decode steps of the first config ("loop": eager) are printed, and the JSON
+With --profile, the operators of 16 decode steps of the first config are printed, and the JSON
 keeps the wall time of those steps, the time the GPU was busy and the top operators. Writes
 bench/results/sampling_speed_<device>.json.
 """
@@ -69,15 +69,12 @@ def main() -> None:
     for cfg in args.configs.split(","):
         cache, batch = cfg.split(":")
         impl = cache if cache == "static" else None
-        loop = None
-        if cache in ("loop", "loopstatic"):  # loopstatic: a static cache, compiled with CUDA graphs on CUDA
-            loop = DecodeLoop(model, int(batch), args.length, args.device.startswith("cuda"),
-                              cache="static" if cache == "loopstatic" else "dynamic")
+        loop = DecodeLoop(model, args.length) if cache == "loop" else None
         def run(length: int, loop=loop, batch=int(batch), impl=impl) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
             if loop is not None:
-                return list(loop.sample(bos))
+                return list(loop.sample(bos, batch))
             return sample_sequences(model, tok, batch, length, per_call=batch, cache_implementation=impl,
-                                    progress=False)
+                                    progress=False, method="generate")
 
         torch.manual_seed(0)
         t0 = time.perf_counter()
@@ -90,13 +87,12 @@ def main() -> None:
         seqs = run(args.length)
         sync()
         sec = time.perf_counter() - t0
-        row_extra = {} if loop is None else {"compiled": loop.compiled is not None}
-        del loop, run  # the loop's KV cache, before the next config allocates its own
+        del loop, run
         row = {"cache": cache, "batch": int(batch), "length": args.length, "seconds": sec,
                "ms_per_sequence": 1000 * sec / int(batch), "tokens_per_s": int(batch) * args.length / sec,
                "warmup_seconds": warm,
                "peak_gib": (peak_gpu_bytes() or 0) / 2**30 if args.device.startswith("cuda") else None,
-               **row_extra}
+               }
         row["nll_minus_entropy_nats"], row["nll_minus_entropy_se"] = nll_minus_entropy(
             model, torch.stack(seqs[:64]).to(args.device))
         print(json.dumps(row), flush=True)
@@ -109,8 +105,8 @@ def main() -> None:
         with profile(activities=acts) as prof:
             t0 = time.perf_counter()
             sample_sequences(model, tok, int(batch), 17, per_call=int(batch), progress=False,
-                             cache_implementation="static" if cache == "static" else None, compile=False,
-                             method={"loop": "loop", "loopstatic": "loop-static"}.get(cache, "generate"))  # eager
+                             cache_implementation="static" if cache == "static" else None,
+                             method="loop" if cache == "loop" else "generate")
             sync()
             wall = time.perf_counter() - t0
         cuda = args.device.startswith("cuda")

@@ -396,17 +396,19 @@ def test_generated_training_data_is_sampled_from_the_model_and_cached(monkeypatc
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
-def test_generated_text_is_sampled_with_the_bos_token_attended() -> None:
+@pytest.mark.parametrize("method", ["loop", "generate"])
+def test_generated_text_is_sampled_with_the_bos_token_attended(method: str) -> None:
     # generate() infers a mask that hides every input token equal to pad_token_id; with the BOS as the
     # pad the samples came from a model that never saw its BOS. A model made nearly deterministic
     # (final norm x 40: logits x 40) must sample what its own full-attention forward ranks first.
-    from lowbit.qat_run import generated_samples
+    from lowbit.sampling import sample_sequences
 
     for seed in (1, 2):  # models whose samples differ with the BOS hidden (checked: 70% and 80% agreement)
         m, tok = tiny_llama(seed=seed).float(), word_tokenizer()
         with torch.no_grad():
             m.model.norm.weight.mul_(40)
-        seqs = torch.stack(generated_samples(m, tok, 4, 6, seed=0, source=f"tiny-{seed}-sharp"))
+        torch.manual_seed(0)
+        seqs = torch.stack(sample_sequences(m, tok, 4, 6, method=method, progress=False))
         with torch.no_grad():
             best = m(input_ids=seqs, use_cache=False).logits[:, :-1].argmax(-1)
         assert torch.equal(seqs[:, 1:], best)

@@ -26,18 +26,17 @@ def test_gumbel_argmax_draws_the_softmax_distribution() -> None:
     assert ((freq - p).abs() < 5 * se).all(), (freq, p)
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_loop_logprobs_are_the_full_forwards(dtype: torch.dtype, cache: str) -> None:
-    # the cache (either kind), positions and mask give each step the logits a forward over the whole sequence
-    # gives (float32: 1e-5; bf16: cached keys and a one-token step round differently, 0.05 nats), also
-    # for a second batch on the reset cache
+def test_decode_loop_logprobs_are_the_full_forwards(dtype: torch.dtype) -> None:
+    # the KV cache and positions give each step the logits a forward over the whole sequence gives
+    # (float32: 1e-5; bf16: cached keys and a one-token step round differently, 0.05 nats), also for a
+    # second, smaller batch
     m = tiny_llama(seed=3).to(dtype)
-    loop = DecodeLoop(m, batch=3, length=12, cache=cache)
+    loop = DecodeLoop(m, length=12)
     torch.manual_seed(0)
-    for _ in range(2):
-        seqs = loop.sample(bos=1)
-        assert seqs.shape == (3, 12) and (seqs[:, 0] == 1).all()
+    for batch in (3, 2):
+        seqs = loop.sample(bos=1, batch=batch)
+        assert seqs.shape == (batch, 12) and (seqs[:, 0] == 1).all()
         with torch.no_grad():
             full = torch.log_softmax(m(input_ids=seqs, use_cache=False).logits[:, :-1].float(), -1)
         want = full.gather(-1, seqs[:, 1:, None])[..., 0]
@@ -55,7 +54,7 @@ def test_loop_samples_follow_the_model() -> None:
         m.model.norm.weight.mul_(6)  # entropy well below log(320), so that a biased sampler shows
     torch.manual_seed(1)
     seqs = torch.stack(sample_sequences(m, tok, 96, 24, per_call=40, method="loop", progress=False))
-    assert seqs.shape == (96, 24)  # 40 + 40 + 16, the last batch sampled at full width and cut
+    assert seqs.shape == (96, 24)  # 40 + 40 + 16
     with torch.no_grad():
         lp = torch.log_softmax(m(input_ids=seqs, use_cache=False).logits[:, :-1].float(), -1)
     gap = (-lp.gather(-1, seqs[:, 1:, None])[..., 0] + (lp.exp() * lp).sum(-1)).flatten()
@@ -70,33 +69,13 @@ def test_unknown_sampling_method_is_refused() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_compiled_loop_on_cuda_matches_the_full_forward() -> None:
-    # CUDA graphs replay the step: the log-probabilities still match a full forward (bf16: 0.05 nats)
+def test_decode_loop_on_cuda_matches_the_full_forward() -> None:
+    # on the GPU too, each step's log-probabilities are a full forward's (bf16: 0.05 nats)
     m = tiny_llama(seed=3).cuda()
-    loop = DecodeLoop(m, batch=4, length=10, compile=True, cache="static")
+    loop = DecodeLoop(m, length=10)
     torch.manual_seed(0)
-    for _ in range(2):
-        seqs = loop.sample(bos=1)
-        with torch.no_grad():
-            full = torch.log_softmax(m(input_ids=seqs, use_cache=False).logits[:, :-1].float(), -1)
-        assert loop.last_logprobs is not None
-        torch.testing.assert_close(loop.last_logprobs, full.gather(-1, seqs[:, 1:, None])[..., 0], atol=0.05, rtol=0)
-
-
-def test_a_decode_step_that_fails_to_compile_falls_back_to_eager(caplog: pytest.LogCaptureFixture) -> None:
-    # a compiler that cannot take a model must cost speed, not the run: the batch starts again eager
-    m = tiny_llama(seed=3).float()
-    loop = DecodeLoop(m, batch=2, length=8, cache="static")
-
-    def broken(*_: object) -> None:
-        raise RuntimeError("inductor says no\nmore detail")
-
-    loop.compiled = broken  # type: ignore[assignment]
-    torch.manual_seed(0)
-    with caplog.at_level("WARNING", logger="lowbit"):
-        seqs = loop.sample(bos=1)
-    assert loop.compiled is None and "compiled decode step failed (RuntimeError: inductor says no)" in caplog.text
+    seqs = loop.sample(bos=1, batch=4)
+    assert seqs.is_cuda and loop.last_logprobs is not None
     with torch.no_grad():
         full = torch.log_softmax(m(input_ids=seqs, use_cache=False).logits[:, :-1].float(), -1)
-    assert loop.last_logprobs is not None
-    torch.testing.assert_close(loop.last_logprobs, full.gather(-1, seqs[:, 1:, None])[..., 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(loop.last_logprobs, full.gather(-1, seqs[:, 1:, None])[..., 0], atol=0.05, rtol=0)

@@ -1,20 +1,21 @@
 """Sampling text from a causal LM at temperature 1, for QAT's `generate:N` training data.
 
 Two samplers of the same distribution:
+- "loop" (the default): lowbit's own decode loop on transformers' default KV cache, one token a step
+  for the whole batch, drawn by the Gumbel-max trick (argmax of logits + Gumbel noise, an exact
+  sample of softmax(logits)), with no step that waits on the GPU.
 - "generate": transformers' `generate()` (its default KV cache, or `cache_implementation`).
-- "loop": lowbit's own decode loop on a preallocated (static) KV cache, one token a step for the
-  whole batch, drawn by the Gumbel-max trick (argmax of logits + Gumbel noise, an exact sample of
-  softmax(logits)) so that no step asks the host anything. On CUDA the step is compiled with
-  `mode="reduce-overhead"`: CUDA graphs replay the ~1000 kernels of a decode step with one launch.
-  The reason: profiled on an H100, 2048 sequences of smollm2-135m, `generate()` kept the GPU busy 25%
-  of the wall time (bench/results/sampling_speed_cuda_profile.json): the host, not the GPU, set
-  the pace.
+
+On an H100 (smollm2-135m, bf16, 2048 sequences of 512 tokens, bench/results/sampling_speed_cuda_loop_warm.json)
+the loop took 12.1 s a batch against generate()'s 13.6 s, and 12.2 s against 34.8 s for the first
+full-length batch of a run. A variant on a static cache with its step compiled into CUDA graphs took
+30.1 s (sampling_speed_cuda_loop.json; removed after that measurement): with a static cache every
+step attends over the whole preallocated length through an explicit mask.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
 from typing import Any
 
 import torch
@@ -22,20 +23,17 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 
-log = logging.getLogger("lowbit")
-
-METHODS = ("generate", "loop", "loop-static")
+METHODS = ("loop", "generate")
 
 
 @torch.no_grad()
 def sample_sequences(model: Any, tokenizer: Any, n: int, length: int, per_call: int | None = None,
-                     cache_implementation: str | None = None, progress: bool = True, method: str = "generate",
-                     compile: bool | None = None) -> list[torch.Tensor]:
+                     cache_implementation: str | None = None, progress: bool = True,
+                     method: str = "loop") -> list[torch.Tensor]:
     """n sequences of `length` tokens sampled at temperature 1 from the BOS token (no cache file; the
     caller seeds). per_call: sequences sampled together (default: as many as fit a share of a GPU's
-    free memory, 8 on the CPU). method: "generate" or "loop" (module docstring). cache_implementation:
-    passed to generate() ("static": a preallocated KV cache; None: transformers' default). compile:
-    "loop" compiles its step with CUDA graphs (default: on CUDA only)."""
+    free memory, 8 on the CPU). method: "loop" or "generate" (module docstring). cache_implementation:
+    passed to generate() ("static": a preallocated KV cache; None: transformers' default)."""
     if method not in METHODS:
         raise LowbitError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -43,17 +41,14 @@ def sample_sequences(model: Any, tokenizer: Any, n: int, length: int, per_call: 
         raise LowbitError("generate:N needs a tokenizer with a BOS or EOS token to start from")
     device = next(model.parameters()).device
     per_call = per_call or sampling_batch(model, length, n)
-    loop = None
-    if method != "generate":
-        loop = DecodeLoop(model, min(per_call, n), length, device.type == "cuda" if compile is None else compile,
-                          cache="static" if method == "loop-static" else "dynamic")
+    loop = DecodeLoop(model, length) if method == "loop" else None
     extra = {} if cache_implementation is None else {"cache_implementation": cache_implementation}
     out: list[torch.Tensor] = []
     for start in tqdm(range(0, n, per_call), desc="generating training text", unit="batch", leave=False,
                       disable=not progress):
         k = min(per_call, n - start)
-        if loop is not None:  # the last, smaller batch is sampled at full width (shapes stay static) and cut
-            out += [s.cpu() for s in loop.sample(bos)[:k]]
+        if loop is not None:
+            out += [s.cpu() for s in loop.sample(bos, k)]
             continue
         ids = torch.full((k, 1), bos, dtype=torch.long, device=device)
         # The mask is explicit: left to infer one, generate() masks out every input token equal to
@@ -76,59 +71,30 @@ def gumbel_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 class DecodeLoop:
-    """Samples `batch` sequences of `length` tokens at a time. cache "dynamic": transformers' default
-    KV cache, new for each batch, eager. "static": one preallocated cache, reset between batches (its
-    buffers keep their addresses, which CUDA graphs need), and with `compile` the step compiled."""
+    """Samples sequences of `length` tokens, a batch at a time, each batch on a new KV cache."""
 
-    def __init__(self, model: Any, batch: int, length: int, compile: bool = False, cache: str = "dynamic") -> None:
-        from transformers import DynamicCache, StaticCache
-
-        self.model, self.batch, self.length, self.static = model, batch, length, cache == "static"
+    def __init__(self, model: Any, length: int) -> None:
+        self.model, self.length = model, length
         self.device = next(model.parameters()).device
-        self.cache: Any = StaticCache(config=model.config, max_cache_len=length) if self.static else None
-        self.new_cache = lambda: DynamicCache(config=model.config)
         params = inspect.signature(model.forward).parameters  # transformers 5.17 calls it past_key_values,
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # later versions cache
-        self.compiled = torch.compile(self.step, mode="reduce-overhead") if compile and self.static else None
-        self.warm = False  # the first step runs eager: it allocates the cache and marks its buffers static
         self.last_logprobs: torch.Tensor | None = None  # (batch, length - 1) of the last batch, for tests
 
-    def step(self, tok: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token for every sequence: (next ids (B, 1), their log-probabilities (B, 1))."""
-        logits = self.model(input_ids=tok, position_ids=pos, use_cache=True, logits_to_keep=1,
-                            **{self.cache_kw: self.cache}).logits[:, -1].float()
-        nxt = gumbel_argmax(logits)
-        return nxt, torch.log_softmax(logits, -1).gather(-1, nxt)
-
     @torch.no_grad()
-    def sample(self, bos: int) -> torch.Tensor:
-        """One batch: (batch, length) token ids, each row BOS and then sampled tokens."""
-        try:
-            return self._sample(bos)
-        except Exception as e:  # noqa: BLE001  a compiler that cannot take this model: eager, which always runs
-            if self.compiled is None:
-                raise
-            log.warning("sampling: the compiled decode step failed (%s: %s); sampling eager instead",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            self.compiled = None
-            return self._sample(bos)
+    def sample(self, bos: int, batch: int) -> torch.Tensor:
+        """(batch, length) token ids, each row BOS and then sampled tokens."""
+        from transformers import DynamicCache
 
-    def _sample(self, bos: int) -> torch.Tensor:
-        if self.static:
-            self.cache.reset()
-        else:
-            self.cache = self.new_cache()
-        seqs = torch.full((self.batch, self.length), bos, dtype=torch.long, device=self.device)
-        logprobs = torch.empty((self.batch, self.length - 1), device=self.device)
-        tok = seqs[:, :1]
+        cache = DynamicCache(config=self.model.config)
+        seqs = torch.full((batch, self.length), bos, dtype=torch.long, device=self.device)
+        logprobs = torch.empty((batch, self.length - 1), device=self.device)
         for t in range(self.length - 1):
-            pos = torch.full((self.batch, 1), t, dtype=torch.long, device=self.device)
-            fn = self.compiled if self.compiled is not None and self.warm else self.step
-            nxt, lp = fn(tok, pos)
-            self.warm = True
-            seqs[:, t + 1] = nxt[:, 0]  # copied out: a CUDA graph's outputs are overwritten by its next replay
-            logprobs[:, t] = lp[:, 0]
-            tok = seqs[:, t + 1:t + 2]
+            pos = torch.full((batch, 1), t, dtype=torch.long, device=self.device)
+            logits = self.model(input_ids=seqs[:, t:t + 1], position_ids=pos, use_cache=True, logits_to_keep=1,
+                                **{self.cache_kw: cache}).logits[:, -1].float()
+            nxt = gumbel_argmax(logits)
+            seqs[:, t + 1] = nxt[:, 0]
+            logprobs[:, t] = torch.log_softmax(logits, -1).gather(-1, nxt)[:, 0]
         self.last_logprobs = logprobs
         return seqs
 
