@@ -9,7 +9,7 @@
 #   bash bench/gpu_issue9.sh e   # (same machine) W4A16 with --train lora against full training
 #   bash bench/gpu_issue9.sh s   # (same machine, after a; carry .gpu_carry/p1) sampling speed: generate() with its default KV cache
 #                                # against lowbit's decode loop (CONFIGS, bench/sampling_speed.py)
-# Variables: GEN (generated sequences: 16384 took 146 s to sample, 65536 381 s), STEPS, LRS, SCALE_LRS, LOSS and HW (c, d:
+# Variables: GEN (generated sequences: 65536 took 381 s to sample with lowbit's loop), STEPS, LRS, SCALE_LRS, LOSS and HW (c, d:
 # --loss, --hidden-weight), TRAIN and EMBED_LRS (c: --train, e.g. quantized,all; --embed-lr for all), RUNS (b),
 # TESTS (a: pytest -k; - installs without testing),
 # COMPILE (1, the default:

@@ -139,7 +139,7 @@ def main() -> None:
                             gradient_checkpointing=args.gradient_checkpointing)
             _reset_peak(device)
             t0 = time.perf_counter()
-            res = qat(str(base_dir), output=work / f"{label}-qat-{lr:g}-{scale_lr:g}-{mode}{embed_lr or ''}", scheme=scheme,
+            res = qat(str(base_dir), output=work / f"{label}-qat-{lr:g}-{scale_lr:g}-{mode}{'' if embed_lr is None else f'-{embed_lr:g}'}", scheme=scheme,
                       group_size=group,
                       data=data, seq_len=args.seq_len, config=cfg, start=ptq_dir, device=device,
                       progress=False, overwrite=True)

@@ -273,15 +273,15 @@ def test_fake_quant_forward_is_the_exported_layers(scheme: str, group: int | Non
             assert torch.equal(fq(x), exported(x)), (scheme, dtype)
 
 
-def sharp_teacher(seed: int) -> torch.nn.Module:
+def sharp_teacher(seed: int, **overrides: object) -> torch.nn.Module:
     # a random tiny Llama predicts almost uniformly (distillation loss ~1e-4 from the start); larger
     # weights give it confident predictions that INT4 visibly disturbs (loss ~1e-2) and QAT can repair
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    m = tiny_llama(seed=seed).float()
+    m = tiny_llama(seed=seed, **overrides).float()
     with torch.no_grad():
         for n, p in m.named_parameters():
-            if "proj" in n or "embed" in n:
+            if "proj" in n or "embed" in n or "lm_head" in n:
                 p.mul_(4)
     m.model.rotary_emb = LlamaRotaryEmbedding(m.config)  # float32 frequencies, as a reloaded model computes them
     return m
@@ -613,9 +613,11 @@ def test_ctrl_c_resumes_a_lora_run_to_the_uninterrupted_result(tmp_path: Path) -
     assert torch.equal(straight.model.norm.weight_master, resumed.model.norm.weight_master)
 
 
-def test_train_all_trains_every_parameter_keeps_the_tie_and_exports_what_it_trained(tmp_path: Path) -> None:
-    # float32: no masters needed, every parameter trains in place; the tied embedding and head stay one tensor
-    teacher = sharp_teacher(3)
+@pytest.mark.parametrize("tied", [True, False])
+def test_train_all_trains_every_parameter_keeps_the_tie_and_exports_what_it_trained(tmp_path: Path, tied: bool) -> None:
+    # float32: no masters needed, every parameter trains in place; a tied embedding and head stay one
+    # tensor. Untied: the head trains on its own, and so do the attention's biases (float32 masters)
+    teacher = sharp_teacher(3, **({} if tied else {"tie_word_embeddings": False, "attention_bias": True}))
     student = copy.deepcopy(teacher)
     prepare(student, get_scheme("w4a16", group_size=32), SAMPLES)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
@@ -623,7 +625,8 @@ def test_train_all_trains_every_parameter_keeps_the_tie_and_exports_what_it_trai
     train(student, teacher, batches_from_samples(SAMPLES, 4), cfg, progress=False)
     moved = [n for n, p in student.named_parameters() if not torch.equal(p, before[n])]
     assert sorted(moved) == sorted(before), sorted(set(before) - set(moved))  # every parameter, embeddings and norms
-    assert student.lm_head.weight is student.model.embed_tokens.weight
+    assert (student.lm_head.weight is student.model.embed_tokens.weight) == tied
+    assert tied or any(n.endswith("q_proj.bias") for n in moved)
     ids = torch.randint(3, 300, (2, 20))
     with torch.no_grad():
         trained = student(input_ids=ids).logits
@@ -659,6 +662,22 @@ def test_train_all_in_bf16_uses_float32_masters_one_for_the_tied_embedding() -> 
     assert not any("master" in n for n, _ in student.named_parameters())
     with pytest.raises(LowbitError, match="--embed-lr applies to --train all"):
         QATConfig(train="quantized", embed_lr=1e-4)
+
+
+def test_embed_lr_is_the_embeddings_learning_rate_and_lr_the_rest() -> None:
+    # Adam moves a parameter by about its learning rate a step: 3 steps at lr 1e-7 leave the other
+    # weights within 1e-6, at embed_lr 1e-2 the embedding moves by more than 1e-3 somewhere
+    teacher = sharp_teacher(4)
+    student = copy.deepcopy(teacher)
+    prepare(student, get_scheme("w4a16", group_size=32), SAMPLES)
+    emb0 = student.model.embed_tokens.weight.detach().clone()
+    norm0 = student.model.layers[0].input_layernorm.weight.detach().clone()
+    w0 = {n: m.weight.detach().clone() for n, m in fake_layers(student).items()}
+    cfg = QATConfig(steps=3, lr=1e-7, scale_lr=0.0, batch_size=4, warmup=1, train="all", embed_lr=1e-2)
+    train(student, teacher, batches_from_samples(SAMPLES, 4), cfg, progress=False)
+    assert (student.model.embed_tokens.weight - emb0).abs().max() > 1e-3
+    assert (student.model.layers[0].input_layernorm.weight - norm0).abs().max() < 1e-6
+    assert all((m.weight - w0[n]).abs().max() < 1e-6 for n, m in fake_layers(student).items())
 
 
 def test_ctrl_c_resumes_a_train_all_run_to_the_uninterrupted_result(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ def test_decode_loop_logprobs_are_the_full_forwards(dtype: torch.dtype) -> None:
     # (float32: 1e-5; bf16: cached keys and a one-token step round differently, 0.05 nats), also for a
     # second, smaller batch
     m = tiny_llama(seed=3).to(dtype)
-    loop = DecodeLoop(m, length=12)
+    loop = DecodeLoop(m, length=12, record_logprobs=True)
     torch.manual_seed(0)
     for batch in (3, 2):
         seqs = loop.sample(bos=1, batch=batch)
@@ -63,16 +63,21 @@ def test_loop_samples_follow_the_model() -> None:
     assert abs(float(gap.mean())) < 4 * float(gap.std()) / gap.numel() ** 0.5, float(gap.mean())
 
 
-def test_unknown_sampling_method_is_refused() -> None:
+def test_unknown_sampling_method_and_a_cache_the_loop_does_not_use_are_refused() -> None:
     with pytest.raises(LowbitError, match="unknown sampling method"):
         sample_sequences(tiny_llama(), word_tokenizer(), 2, 4, method="beam")
+    with pytest.raises(LowbitError, match=r"is generate\(\)'s"):
+        sample_sequences(tiny_llama(), word_tokenizer(), 2, 4, cache_implementation="static")
+    loop = DecodeLoop(tiny_llama(), length=4)
+    loop.sample(bos=1, batch=2)
+    assert loop.last_logprobs is None  # not recorded unless asked: a vocabulary-wide log-softmax a step
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_decode_loop_on_cuda_matches_the_full_forward() -> None:
     # on the GPU too, each step's log-probabilities are a full forward's (bf16: 0.05 nats)
     m = tiny_llama(seed=3).cuda()
-    loop = DecodeLoop(m, length=10)
+    loop = DecodeLoop(m, length=10, record_logprobs=True)
     torch.manual_seed(0)
     seqs = loop.sample(bos=1, batch=4)
     assert seqs.is_cuda and loop.last_logprobs is not None

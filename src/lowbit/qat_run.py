@@ -53,8 +53,8 @@ def generated_samples(model: Any, tokenizer: Any, n: int, length: int, seed: int
     one's samples even when another model shares the GPU (a key with the batch missed on an H100, and
     regenerating 4096 sequences cost 79 s a run). The batch decides how the random stream is spent, so
     samples made with another batch are other, equally valid, samples of the same model."""
-    key = hashlib.sha256(f"{source}|{n}|{length}|{seed}|v4".encode()).hexdigest()[:16]  # v2: BOS seen; v3: no batch;
-    # v4: lowbit's decode loop (lowbit.sampling) instead of generate()
+    key = hashlib.sha256(f"{source}|{n}|{length}|{seed}|v5".encode()).hexdigest()[:16]  # v2: BOS seen; v3: no batch;
+    # v4: a first decode loop (a compiled static-cache variant on CUDA, off the distribution); v5: lowbit.sampling's
     path = _cache_dir() / "qat-generated" / f"{key}.pt"
     if path.exists():
         return list(torch.load(path))

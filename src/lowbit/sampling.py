@@ -1,16 +1,20 @@
 """Sampling text from a causal LM at temperature 1, for QAT's `generate:N` training data.
 
-Two samplers of the same distribution:
+Two samplers:
 - "loop" (the default): lowbit's own decode loop on transformers' default KV cache, one token a step
   for the whole batch, drawn by the Gumbel-max trick (argmax of logits + Gumbel noise, an exact
-  sample of softmax(logits)), with no step that waits on the GPU.
-- "generate": transformers' `generate()` (its default KV cache, or `cache_implementation`).
+  sample of softmax(logits)), with no step that waits on the GPU. It samples the model's own
+  distribution at every position, EOS included: a sequence may end a turn and go on past it.
+- "generate": transformers' `generate()` (its default KV cache, or `cache_implementation`). Asked
+  for a fixed length (`min_new_tokens`), it forbids EOS, so every position is drawn from the
+  model's distribution without EOS, renormalized. (On smollm2-135m on the CPU, 16 x 128 tokens:
+  the loop drew EOS 5 times, in 2 rows; generate() never.)
 
 On an H100 (smollm2-135m, bf16, 2048 sequences of 512 tokens, bench/results/sampling_speed_cuda_loop_warm.json)
 the loop took 12.1 s a batch against generate()'s 13.6 s, and 12.2 s against 34.8 s for the first
 full-length batch of a run. A variant on a static cache with its step compiled into CUDA graphs took
-30.1 s (sampling_speed_cuda_loop.json; removed after that measurement): with a static cache every
-step attends over the whole preallocated length through an explicit mask.
+30.1 s (sampling_speed_cuda_loop.json; removed after that measurement), and its samples were off
+the model's distribution (NLL - entropy -0.052 +- 0.014 nats, 3.7 standard errors).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def sample_sequences(model: Any, tokenizer: Any, n: int, length: int, per_call: 
     passed to generate() ("static": a preallocated KV cache; None: transformers' default)."""
     if method not in METHODS:
         raise LowbitError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "loop" and cache_implementation is not None:
+        raise LowbitError(f"cache_implementation={cache_implementation!r} is generate()'s: the loop uses the default cache")
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if bos is None:
         raise LowbitError("generate:N needs a tokenizer with a BOS or EOS token to start from")
@@ -73,12 +79,12 @@ def gumbel_argmax(logits: torch.Tensor) -> torch.Tensor:
 class DecodeLoop:
     """Samples sequences of `length` tokens, a batch at a time, each batch on a new KV cache."""
 
-    def __init__(self, model: Any, length: int) -> None:
-        self.model, self.length = model, length
+    def __init__(self, model: Any, length: int, record_logprobs: bool = False) -> None:
+        self.model, self.length, self.record = model, length, record_logprobs
         self.device = next(model.parameters()).device
         params = inspect.signature(model.forward).parameters  # transformers 5.17 calls it past_key_values,
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # later versions cache
-        self.last_logprobs: torch.Tensor | None = None  # (batch, length - 1) of the last batch, for tests
+        self.last_logprobs: torch.Tensor | None = None  # record_logprobs: (batch, length - 1) of the last batch
 
     @torch.no_grad()
     def sample(self, bos: int, batch: int) -> torch.Tensor:
@@ -87,14 +93,15 @@ class DecodeLoop:
 
         cache = DynamicCache(config=self.model.config)
         seqs = torch.full((batch, self.length), bos, dtype=torch.long, device=self.device)
-        logprobs = torch.empty((batch, self.length - 1), device=self.device)
+        logprobs = torch.empty((batch, self.length - 1), device=self.device) if self.record else None
         for t in range(self.length - 1):
             pos = torch.full((batch, 1), t, dtype=torch.long, device=self.device)
             logits = self.model(input_ids=seqs[:, t:t + 1], position_ids=pos, use_cache=True, logits_to_keep=1,
                                 **{self.cache_kw: cache}).logits[:, -1].float()
             nxt = gumbel_argmax(logits)
             seqs[:, t + 1] = nxt[:, 0]
-            logprobs[:, t] = torch.log_softmax(logits, -1).gather(-1, nxt)[:, 0]
+            if logprobs is not None:  # for tests: a log-softmax over the vocabulary a step costs memory and time
+                logprobs[:, t] = torch.log_softmax(logits, -1).gather(-1, nxt)[:, 0]
         self.last_logprobs = logprobs
         return seqs
 
@@ -109,8 +116,9 @@ def sampling_batch(model: Any, length: int, n: int) -> int:
 def generation_batch(model: Any, length: int, n: int, share: float = 0.4) -> int:
     """How many sequences to sample together on a GPU: as many as fit `share` of its free memory with
     their KV cache at full length and one step's float32 logits, at most 4096. A wider batch pays on
-    an H100 for smollm2-135m: 55 ms a sequence at 512 at a time, 15.8 ms at 2048
-    (bench/results/sampling_speed_cuda.json), 12 ms for 16384 sequences inside bench/qat.py."""
+    an H100 for smollm2-135m (generate(), bench/results/sampling_speed_cuda.json): 55 ms a sequence
+    at 512 at a time, 15.8 ms at 2048 (a first batch, cold). The loop took 5.6 ms a sequence at 2621
+    inside bench/qat.py."""
     first = next(model.parameters())
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = getattr(cfg, "num_attention_heads", 1)

@@ -258,9 +258,8 @@ def _drop_float32_masters(mod: Any, made: dict[int, nn.Parameter]) -> None:
         setattr(mod, n, p)
 
 
-def _is_norm(mod: nn.Module) -> bool:
-    return type(mod).__name__.endswith(("RMSNorm", "LayerNorm")) or (
-        isinstance(mod, _Float32Master) and mod.plain.__name__.endswith(("RMSNorm", "LayerNorm")))
+def _is_norm(mod: nn.Module) -> bool:  # a norm with a float32 master too: its class is Float32Master<name>
+    return type(mod).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
 def _float32_trainable(mods: Iterable[nn.Module], keep: Callable[[str, nn.Parameter], bool]) -> list[nn.Parameter]:
@@ -648,9 +647,11 @@ def _check_compiled_gradients(student: nn.Module, teacher: nn.Module | None, ids
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the parameters that train, under their state_dict names (a tied scale under each of
-    its names): what a restore or a resume needs. Frozen weights (--train lora, scales) are not copied."""
-    return {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    """Copies of the parameters that train, under their state_dict names: what a restore or a resume
+    needs. A tied parameter (fused scales, a tied embedding's master) is copied once, under its first
+    name: loading it there fills the one tensor every name shares. Frozen weights (--train lora,
+    scales) are not copied."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def held_out_kind(kind: str) -> str:
