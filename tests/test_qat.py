@@ -433,12 +433,15 @@ def test_training_data_mixes_a_text_file_with_generated_text(calib_file: Path) -
     m, tok = tiny_llama(seed=6).float(), word_tokenizer()
     cfg = QATConfig(steps=2, batch_size=2)
     text, held, _ = training_samples(str(calib_file), tok, m, 8, cfg, "tiny-6")
-    gen, _, _ = training_samples("generate:3", tok, m, 8, cfg, "tiny-6")
-    mixed, held_mixed, digest = training_samples(f"{calib_file}, generate:3", tok, m, 8, cfg, "tiny-6")
+    gen, gen_held, _ = training_samples("generate:3", tok, m, 8, cfg, "tiny-6")
+    assert len(gen) == 3 and len(gen_held) == 2  # 2 more sampled and held out (held_generated's minimum)
     as_set = lambda xs: sorted(tuple(x.tolist()) for x in xs)  # noqa: E731
+    assert not set(as_set(gen)) & set(as_set(gen_held))
+    mixed, held_mixed, digest = training_samples(f"{calib_file}, generate:3", tok, m, 8, cfg, "tiny-6")
     assert as_set(mixed) == as_set(text + gen)  # every window of both, shuffled together
     assert [tuple(x.tolist()) for x in mixed] != [tuple(x.tolist()) for x in text + gen]
-    assert as_set(held_mixed) == as_set(held) and len(digest) == 64  # the file's held-out tail, never trained on
+    # the file's held-out tail and the held-out samples, never trained on
+    assert as_set(held_mixed) == as_set(held + gen_held) and len(digest) == 64
     with pytest.raises(LowbitError, match="generate:N takes a number"):
         training_samples("generate:x", tok, m, 8, cfg, "tiny-6")
 

@@ -2,8 +2,8 @@
 
 Data: "builtin" (the built-in text's training split), a text file, or "generate:N" (N sequences
 sampled from the original model itself, data-free distillation as LLM-QAT does; cached). The
-held-out loss uses text never trained on: the built-in held-out split for "builtin" and generated
-data, the last 5% of a file's windows otherwise.
+held-out loss uses text never trained on: the last 5% of a file's windows, 2% more sampled
+sequences for generated data, the built-in held-out split for "builtin".
 """
 
 from __future__ import annotations
@@ -162,8 +162,10 @@ def training_samples(data: str, tokenizer: Any, teacher: Any, seq_len: int, cfg:
                      source: str) -> tuple[list[torch.Tensor], list[torch.Tensor], str]:
     """(training windows, held-out windows, SHA-256 of the training tokens) for `--data`: one source
     or several joined by commas (e.g. a text file and generate:N), shuffled together with the seed.
-    Held out: the last 5% of each file's windows; the built-in held-out text for builtin and
-    generated data."""
+    Held out: the last 5% of each file's windows, and for generate:N `held_generated(N)` more
+    sampled sequences than N, never trained on (so that the held-out loss also measures the text
+    the run trains on; before, a file's tail or the built-in text stood in for it); the built-in
+    held-out text when nothing else is held out (builtin alone)."""
     n_train = cfg.steps * cfg.batch_size
     samples: list[torch.Tensor] = []
     held: list[torch.Tensor] = []
@@ -178,7 +180,9 @@ def training_samples(data: str, tokenizer: Any, teacher: Any, seq_len: int, cfg:
                 raise LowbitError(f"--data {part!r}: generate:N takes a number of sequences") from None
             if n < 1:
                 raise LowbitError(f"--data {part!r}: generate at least one sequence")
-            samples += generated_samples(teacher, tokenizer, n, seq_len, cfg.seed, source)
+            gen = generated_samples(teacher, tokenizer, n + held_generated(n), seq_len, cfg.seed, source)
+            samples += gen[:n]
+            held += gen[n:]
             continue
         try:
             calib = load_calibration(CalibConfig(source=part, num_samples=n_train + max(2, n_train // 20),
@@ -194,11 +198,17 @@ def training_samples(data: str, tokenizer: Any, teacher: Any, seq_len: int, cfg:
             held += calib.samples[-cut:]
     if not held:
         held = _builtin_heldout(tokenizer, seq_len)
-    if len(parts) > 1:
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        samples = [samples[i] for i in order]
+    if len(parts) > 1:  # the held-out windows too: the loss takes only its first few batches
+        rng = torch.Generator().manual_seed(cfg.seed)
+        samples = [samples[i] for i in torch.randperm(len(samples), generator=rng).tolist()]
+        held = [held[i] for i in torch.randperm(len(held), generator=rng).tolist()]
     data_hash = hashlib.sha256(b"".join(s.numpy().tobytes() for s in samples)).hexdigest()
     return samples, held, data_hash
+
+
+def held_generated(n: int) -> int:
+    """Sampled sequences held out beside generate:N's N: 2%, at least 2, at most 64 (two batches of 32)."""
+    return max(2, min(64, n // 50))
 
 
 def _builtin_heldout(tokenizer: Any, seq_len: int, windows: int = 8) -> list[torch.Tensor]:
