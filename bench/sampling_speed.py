@@ -4,12 +4,11 @@
 
 Each config is CACHE:BATCH: transformers' generate() with its default KV cache ("dynamic", grown by
 concatenation each step) or a preallocated one ("static"), or lowbit's own decode loop ("loop",
-lowbit.sampling.DecodeLoop: Gumbel-max draws, no step waits on the GPU), and the number of sequences
+lowbit.sampling.sample_batch: Gumbel-max draws, no step waits on the GPU), and the number of sequences
 sampled together. (A "loopstatic" config, the loop on a static cache compiled into CUDA graphs, was
 measured in bench/results/sampling_speed_cuda_loop.json and removed: slower.) Each samples one batch of --length tokens
 from the BOS token of the default model (bf16), timed alone after a warm-up batch of the same config
-(which pays any compilation and the memory pool's growth; its time is reported; a loop warms up on
-the same DecodeLoop).
+(which pays any compilation and the memory pool's growth; its time is reported).
 Check of the samples: under the model, sequences sampled from it have a mean NLL equal to the mean
 entropy of its next-token distributions, up to sampling noise; the gap and its standard error are
 reported for (up to) 64 sequences. In bf16 the sampling forward (with a KV cache) and the checking one
@@ -60,21 +59,20 @@ def main() -> None:
 
     from lowbit.eval.perf import peak_gpu_bytes
     from lowbit.models import load_model
-    from lowbit.sampling import DecodeLoop, sample_sequences
+    from lowbit.sampling import sample_sequences
 
     model, tok, _ = load_model("smollm2-135m", device=args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     rows = []
     for cfg in args.configs.split(","):
         cache, batch = cfg.split(":")
         impl = cache if cache == "static" else None
-        loop = DecodeLoop(model, args.length) if cache == "loop" else None
-        def run(length: int, loop=loop, batch=int(batch), impl=impl) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
-            if loop is not None:
-                return list(loop.sample(bos, batch))
+        method = "loop" if cache == "loop" else "generate"
+
+        def run(length: int, batch: int = int(batch), impl: str | None = impl, method: str = method
+                ) -> list[torch.Tensor]:
             return sample_sequences(model, tok, batch, length, per_call=batch, cache_implementation=impl,
-                                    progress=False, method="generate")
+                                    progress=False, method=method)
 
         torch.manual_seed(0)
         t0 = time.perf_counter()
@@ -87,7 +85,6 @@ def main() -> None:
         seqs = run(args.length)
         sync()
         sec = time.perf_counter() - t0
-        del loop, run
         row = {"cache": cache, "batch": int(batch), "length": args.length, "seconds": sec,
                "ms_per_sequence": 1000 * sec / int(batch), "tokens_per_s": int(batch) * args.length / sec,
                "warmup_seconds": warm,

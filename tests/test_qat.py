@@ -386,12 +386,13 @@ def test_cli_trains_and_writes_a_checkpoint_with_its_training_record(
 
 def test_generated_training_data_is_sampled_from_the_model_and_cached(monkeypatch: pytest.MonkeyPatch) -> None:
     import lowbit.qat_run as qr
+    import lowbit.sampling
 
     m, tok = tiny_llama(seed=6).float(), word_tokenizer()
     first = qr.generated_samples(m, tok, 3, 8, seed=0, source="tiny-6")
     assert len(first) == 3 and all(s.shape == (8,) for s in first)
     # A later run samples with another batch (on a GPU it follows the free memory), and still finds the cache.
-    monkeypatch.setattr(qr, "sampling_batch", lambda *a: 2)
+    monkeypatch.setattr(lowbit.sampling, "sampling_batch", lambda *a: 2)
     again = qr.generated_samples(torch.nn.Identity(), tok, 3, 8, seed=0, source="tiny-6")  # from the cache, no model
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 

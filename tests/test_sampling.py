@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.sampling import DecodeLoop, gumbel_argmax, sample_sequences
+from lowbit.sampling import gumbel_argmax, sample_batch, sample_sequences
 from tests.conftest import tiny_llama, word_tokenizer
 
 
@@ -32,17 +32,16 @@ def test_decode_loop_logprobs_are_the_full_forwards(dtype: torch.dtype) -> None:
     # (float32: 1e-5; bf16: cached keys and a one-token step round differently, 0.05 nats), also for a
     # second, smaller batch
     m = tiny_llama(seed=3).to(dtype)
-    loop = DecodeLoop(m, length=12, record_logprobs=True)
     torch.manual_seed(0)
     for batch in (3, 2):
-        seqs = loop.sample(bos=1, batch=batch)
+        seqs, logprobs = sample_batch(m, bos=1, batch=batch, length=12, record_logprobs=True)
         assert seqs.shape == (batch, 12) and (seqs[:, 0] == 1).all()
         with torch.no_grad():
             full = torch.log_softmax(m(input_ids=seqs, use_cache=False).logits[:, :-1].float(), -1)
         want = full.gather(-1, seqs[:, 1:, None])[..., 0]
-        assert loop.last_logprobs is not None
+        assert logprobs is not None
         tol = 1e-5 if dtype == torch.float32 else 0.05
-        torch.testing.assert_close(loop.last_logprobs, want, atol=tol, rtol=0)
+        torch.testing.assert_close(logprobs, want, atol=tol, rtol=0)
 
 
 def test_loop_samples_follow_the_model() -> None:
@@ -68,19 +67,17 @@ def test_unknown_sampling_method_and_a_cache_the_loop_does_not_use_are_refused()
         sample_sequences(tiny_llama(), word_tokenizer(), 2, 4, method="beam")
     with pytest.raises(LowbitError, match=r"is generate\(\)'s"):
         sample_sequences(tiny_llama(), word_tokenizer(), 2, 4, cache_implementation="static")
-    loop = DecodeLoop(tiny_llama(), length=4)
-    loop.sample(bos=1, batch=2)
-    assert loop.last_logprobs is None  # not recorded unless asked: a vocabulary-wide log-softmax a step
+    _, logprobs = sample_batch(tiny_llama(), bos=1, batch=2, length=4)
+    assert logprobs is None  # not recorded unless asked: a vocabulary-wide log-softmax a step
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_decode_loop_on_cuda_matches_the_full_forward() -> None:
     # on the GPU too, each step's log-probabilities are a full forward's (bf16: 0.05 nats)
     m = tiny_llama(seed=3).cuda()
-    loop = DecodeLoop(m, length=10, record_logprobs=True)
     torch.manual_seed(0)
-    seqs = loop.sample(bos=1, batch=4)
-    assert seqs.is_cuda and loop.last_logprobs is not None
+    seqs, logprobs = sample_batch(m, bos=1, batch=4, length=10, record_logprobs=True)
+    assert seqs.is_cuda and logprobs is not None
     with torch.no_grad():
         full = torch.log_softmax(m(input_ids=seqs, use_cache=False).logits[:, :-1].float(), -1)
-    torch.testing.assert_close(loop.last_logprobs, full.gather(-1, seqs[:, 1:, None])[..., 0], atol=0.05, rtol=0)
+    torch.testing.assert_close(logprobs, full.gather(-1, seqs[:, 1:, None])[..., 0], atol=0.05, rtol=0)

@@ -35,7 +35,7 @@ from lowbit.checkpoint.integrity import gate_findings
 from lowbit.checkpoint.io import check_output, dir_bytes
 from lowbit.errors import LowbitError
 from lowbit.models import load_model
-from lowbit.sampling import sample_sequences, sampling_batch
+from lowbit.sampling import sample_sequences
 from lowbit.scheme import get_scheme
 
 log = logging.getLogger("lowbit")
@@ -59,7 +59,7 @@ def generated_samples(model: Any, tokenizer: Any, n: int, length: int, seed: int
     if path.exists():
         return list(torch.load(path))
     torch.manual_seed(seed)
-    out = sample_sequences(model, tokenizer, n, length, per_call=sampling_batch(model, length, n), method="loop")
+    out = sample_sequences(model, tokenizer, n, length, method="loop")  # batch: sampling_batch()
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f"{path.stem}.{os.getpid()}.part")  # a run reading the cache never sees half a file
     torch.save(torch.stack(out), part)

@@ -47,14 +47,13 @@ def sample_sequences(model: Any, tokenizer: Any, n: int, length: int, per_call: 
         raise LowbitError("generate:N needs a tokenizer with a BOS or EOS token to start from")
     device = next(model.parameters()).device
     per_call = per_call or sampling_batch(model, length, n)
-    loop = DecodeLoop(model, length) if method == "loop" else None
     extra = {} if cache_implementation is None else {"cache_implementation": cache_implementation}
     out: list[torch.Tensor] = []
     for start in tqdm(range(0, n, per_call), desc="generating training text", unit="batch", leave=False,
                       disable=not progress):
         k = min(per_call, n - start)
-        if loop is not None:
-            out += [s.cpu() for s in loop.sample(bos, k)]
+        if method == "loop":
+            out += [s.cpu() for s in sample_batch(model, bos, k, length)[0]]
             continue
         ids = torch.full((k, 1), bos, dtype=torch.long, device=device)
         # The mask is explicit: left to infer one, generate() masks out every input token equal to
@@ -76,34 +75,28 @@ def gumbel_argmax(logits: torch.Tensor) -> torch.Tensor:
     return (logits.float() - torch.log(-torch.log(u))).argmax(-1, keepdim=True)
 
 
-class DecodeLoop:
-    """Samples sequences of `length` tokens, a batch at a time, each batch on a new KV cache."""
+@torch.no_grad()
+def sample_batch(model: Any, bos: int, batch: int, length: int,
+                 record_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """lowbit's decode loop: (batch, length) token ids, each row BOS and then sampled tokens, on a new
+    KV cache; with record_logprobs (tests) also each sampled token's log-probability, (batch, length - 1):
+    a log-softmax over the vocabulary a step, which sampling itself does not need."""
+    from transformers import DynamicCache
 
-    def __init__(self, model: Any, length: int, record_logprobs: bool = False) -> None:
-        self.model, self.length, self.record = model, length, record_logprobs
-        self.device = next(model.parameters()).device
-        params = inspect.signature(model.forward).parameters  # transformers 5.17 calls it past_key_values,
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"  # later versions cache
-        self.last_logprobs: torch.Tensor | None = None  # record_logprobs: (batch, length - 1) of the last batch
-
-    @torch.no_grad()
-    def sample(self, bos: int, batch: int) -> torch.Tensor:
-        """(batch, length) token ids, each row BOS and then sampled tokens."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        seqs = torch.full((batch, self.length), bos, dtype=torch.long, device=self.device)
-        logprobs = torch.empty((batch, self.length - 1), device=self.device) if self.record else None
-        for t in range(self.length - 1):
-            pos = torch.full((batch, 1), t, dtype=torch.long, device=self.device)
-            logits = self.model(input_ids=seqs[:, t:t + 1], position_ids=pos, use_cache=True, logits_to_keep=1,
-                                **{self.cache_kw: cache}).logits[:, -1].float()
-            nxt = gumbel_argmax(logits)
-            seqs[:, t + 1] = nxt[:, 0]
-            if logprobs is not None:  # for tests: a log-softmax over the vocabulary a step costs memory and time
-                logprobs[:, t] = torch.log_softmax(logits, -1).gather(-1, nxt)[:, 0]
-        self.last_logprobs = logprobs
-        return seqs
+    device = next(model.parameters()).device
+    params = inspect.signature(model.forward).parameters  # transformers 5.17 calls it past_key_values,
+    cache = {"cache" if "cache" in params else "past_key_values": DynamicCache(config=model.config)}  # later cache
+    seqs = torch.full((batch, length), bos, dtype=torch.long, device=device)
+    logprobs = torch.empty((batch, length - 1), device=device) if record_logprobs else None
+    for t in range(length - 1):
+        pos = torch.full((batch, 1), t, dtype=torch.long, device=device)
+        logits = model(input_ids=seqs[:, t:t + 1], position_ids=pos, use_cache=True, logits_to_keep=1,
+                       **cache).logits[:, -1].float()
+        nxt = gumbel_argmax(logits)
+        seqs[:, t + 1] = nxt[:, 0]
+        if logprobs is not None:
+            logprobs[:, t] = torch.log_softmax(logits, -1).gather(-1, nxt)[:, 0]
+    return seqs, logprobs
 
 
 def sampling_batch(model: Any, length: int, n: int) -> int:

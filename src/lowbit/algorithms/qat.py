@@ -258,10 +258,6 @@ def _drop_float32_masters(mod: Any, made: dict[int, nn.Parameter]) -> None:
         setattr(mod, n, p)
 
 
-def _is_norm(mod: nn.Module) -> bool:  # a norm with a float32 master too: its class is Float32Master<name>
-    return type(mod).__name__.endswith(("RMSNorm", "LayerNorm"))
-
-
 def _float32_trainable(mods: Iterable[nn.Module], keep: Callable[[str, nn.Parameter], bool]) -> list[nn.Parameter]:
     """The direct parameters of `mods` that `keep` accepts, trainable in float32: float32 ones as they are, lower
     floating dtypes on float32 masters (one per tied parameter). Each parameter once, in order."""
@@ -291,7 +287,8 @@ def _float32_trainable(mods: Iterable[nn.Module], keep: Callable[[str, nn.Parame
 def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The weights of the model's normalization layers (RMSNorm, LayerNorm), made trainable in float32:
     a norm in a lower dtype gets a float32 master parameter (`_with_float32_masters`), removed by `convert`."""
-    return _float32_trainable((m for m in model.modules() if _is_norm(m)), lambda n, p: n == "weight" and p.dim() == 1)
+    norms = (m for m in model.modules() if type(m).__name__.endswith(("RMSNorm", "LayerNorm")))  # Float32Master<..>
+    return _float32_trainable(norms, lambda n, p: n == "weight" and p.dim() == 1)  # too: its name ends the same
 
 
 def other_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
